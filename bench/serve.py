@@ -1,0 +1,395 @@
+#!/usr/bin/env python
+"""Serving benchmark: mnist-k8s against a typical tutorial FastAPI service, on loopback, in one run.
+
+    python bench/serve.py                      # 1, 16 and 64 connections, 5 s each
+    python bench/serve.py --duration 3 --conns 1,16
+    python bench/serve.py --ours-workers 2     # also try two uvicorn workers for mnist-k8s
+
+The reference service (written to a temporary file here, it is not part of the library) is what most
+tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
+PyTorch-examples CNN (conv 1->32, conv 32->64, max-pool, dropout, linear 9216->128, linear 128->10) inside an
+`async def` FastAPI endpoint with `UploadFile`, one uvicorn worker, uvicorn's defaults. It runs twice: on
+plain h11 + asyncio (how the brief's reference figures were taken) and on uvicorn's `auto` stack (httptools +
+uvloop when installed), so the comparison separates the server stack from the rest.
+
+mnist-k8s runs through its CLI (`mnist-k8s serve`, one worker unless --ours-workers) with a freshly initialised
+model of the real architecture published into a temporary model store (an untrained net costs the same as a
+trained one), and the real preprocessing (`mnist_k8s.preprocess`).
+
+Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
+as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
+more CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready
+(each service starts alone); the services then take turns under load, `--rounds` times per connection count,
+so that changes in background load hit them alike; the table shows medians. RSS is read from /proc after the
+load. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
+on a thread pool.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BOUNDARY = "mnistk8sbenchboundary"
+
+REFERENCE = textwrap.dedent('''
+    """A typical tutorial MNIST service (the benchmark's reference; not part of mnist-k8s)."""
+    import io, sys
+    import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+    import uvicorn
+    from fastapi import FastAPI, File, UploadFile
+    from PIL import Image
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 32, 3, 1)
+            self.conv2 = nn.Conv2d(32, 64, 3, 1)
+            self.dropout1 = nn.Dropout(0.25)
+            self.dropout2 = nn.Dropout(0.5)
+            self.fc1 = nn.Linear(9216, 128)
+            self.fc2 = nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv1(x))
+            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+            x = torch.flatten(self.dropout1(x), 1)
+            x = self.dropout2(F.relu(self.fc1(x)))
+            return F.log_softmax(self.fc2(x), dim=1)
+
+    model = Net()
+    model.eval()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    async def predict(file: UploadFile = File(...)):
+        img = Image.open(io.BytesIO(await file.read())).convert("L").resize((28, 28))
+        x = torch.tensor(np.array(img, dtype=np.float32) / 255.0).unsqueeze(0).unsqueeze(0)
+        x = (x - 0.1307) / 0.3081
+        with torch.no_grad():
+            out = model(x)
+        probs = torch.exp(out)[0].tolist()
+        return {"digit": int(np.argmax(probs)), "probabilities": probs}
+
+    if __name__ == "__main__":
+        port, stack = int(sys.argv[1]), sys.argv[2]
+        kw = {"http": "h11", "loop": "asyncio"} if stack == "h11" else {}
+        uvicorn.run(app, host="127.0.0.1", port=port, **kw)
+''')
+
+WRK_LUA = textwrap.dedent('''
+    local f = assert(io.open("{body}", "rb"))
+    wrk.method = "POST"
+    wrk.body = f:read("*all")
+    f:close()
+    wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"
+''')
+
+# A fallback load generator (when wrk is missing): N keep-alive connections, raw HTTP/1.1, for `duration` s.
+PYLOAD = textwrap.dedent('''
+    import asyncio, json, sys, time
+    host, port, path, conns, duration, body_file, ctype = sys.argv[1:8]
+    body = open(body_file, "rb").read()
+    req = (f"POST {path} HTTP/1.1\\r\\nHost: {host}\\r\\nContent-Type: {ctype}\\r\\n"
+           f"Content-Length: {len(body)}\\r\\n\\r\\n").encode() + body
+    lat, errors, non2xx = [], 0, 0
+    async def worker(stop):
+        global errors, non2xx
+        r, w = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                w.write(req); await w.drain()
+                status = int((await r.readline()).split()[1]); n = 0
+                while (line := await r.readline()) not in (b"\\r\\n", b""):
+                    if line.lower().startswith(b"content-length:"): n = int(line.split(b":")[1])
+                await r.readexactly(n)
+            except Exception:
+                errors += 1; r, w = await asyncio.open_connection(host, int(port)); continue
+            lat.append(time.perf_counter() - t)
+            if not 200 <= status < 300: non2xx += 1
+    async def main():
+        stop = time.perf_counter() + float(duration)
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(stop) for _ in range(int(conns))])
+        return time.perf_counter() - t0
+    took = asyncio.run(main())
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3 if lat else float("nan")
+    print(json.dumps({"rps": len(lat) / took, "p50": q(.5), "p99": q(.99), "requests": len(lat),
+                      "errors": errors, "non2xx": non2xx}))
+''')
+
+
+# ---------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def http(method: str, url: str, body: bytes | None = None, ctype: str | None = None, timeout=5.0):
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype} if ctype else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, r.read()
+    except urllib.error.HTTPError as e: return e.code, e.read()
+
+def mnist_digit_png(data_root: Path, index: int = 0) -> tuple[bytes, int]:
+    "A real MNIST test digit as PNG bytes, read straight from the idx files."
+    import numpy as np
+    from PIL import Image
+    raw = data_root / "MNIST" / "raw"
+    images = np.fromfile(raw / "t10k-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.fromfile(raw / "t10k-labels-idx1-ubyte", dtype=np.uint8, offset=8)
+    buf = io.BytesIO(); Image.fromarray(images[index]).save(buf, "PNG")
+    return buf.getvalue(), int(labels[index])
+
+def multipart(png: bytes) -> bytes:
+    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    "Resident and peak resident MiB of `pid` and its children."
+    pids, cur, peak = [pid], 0.0, 0.0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError: pass
+    for p in pids:
+        try: status = Path(f"/proc/{p}/status").read_text()
+        except OSError: continue
+        cur += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+        peak += int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    return cur, peak
+
+
+class Service:
+    def __init__(self, name: str, cmd: list[str], ready_path: str, port: int, env: dict | None = None):
+        self.name, self.cmd, self.ready_path, self.port, self.env = name, cmd, ready_path, port, env
+        self.proc: subprocess.Popen | None = None
+        self.cold_start = float("nan")
+
+    def start(self, timeout: float = 120.0):
+        t0 = time.perf_counter()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(self.env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{self.port}{self.ready_path}"
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None: break
+            try:
+                if http("GET", url, timeout=1)[0] == 200:
+                    self.cold_start = time.perf_counter() - t0; return self
+            except OSError: pass
+            time.sleep(0.01)
+        self.log.seek(0)
+        raise RuntimeError(f"{self.name} did not become ready:\n{self.log.read().decode(errors='replace')[-3000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try: self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+
+
+def run_load(url: str, conns: int, duration: float, body_file: Path, lua: Path) -> dict:
+    if shutil.which("wrk"):
+        run = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+                              "--latency", "-s", str(lua), url], capture_output=True, text=True, timeout=duration + 60)
+        out = run.stdout
+        if "Requests/sec" not in out: raise RuntimeError(f"wrk failed: {run.stdout}\n{run.stderr}")
+        def ms(label):
+            m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)] if m else float("nan")
+        errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"),
+                "p99": ms("99%"), "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+                "errors": sum(map(int, errs.groups())) if errs else 0,
+                "non2xx": int(non2xx.group(1)) if non2xx else 0}
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    out = subprocess.run([sys.executable, "-c", PYLOAD, host, port, "/predict", str(conns), str(duration),
+                          str(body_file), f"multipart/form-data; boundary={BOUNDARY}"],
+                         capture_output=True, text=True, timeout=duration + 60)
+    return json.loads(out.stdout)
+
+
+def check(svc: Service, body: bytes):
+    "One request answered correctly before any load."
+    status, answer = http("POST", f"http://127.0.0.1:{svc.port}/predict", body, f"multipart/form-data; boundary={BOUNDARY}")
+    answer = json.loads(answer)
+    assert status == 200 and len(answer["probabilities"]) == 10, (svc.name, status, answer)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def measure(services: list[Service], conns: list[int], duration: float, rounds: int, body: bytes,
+            body_file: Path, lua: Path) -> dict:
+    """Start the services one after the other (cold start measured alone), then load them in turns, `rounds`
+    times per connection count, so that a change in background load hits all of them alike; medians."""
+    runs = {svc.name: {c: [] for c in conns} for svc in services}
+    try:
+        for svc in services:
+            svc.start(); check(svc, body)
+            run_load(f"http://127.0.0.1:{svc.port}/predict", 4, 1.0, body_file, lua)    # warm-up
+        for r in range(rounds):
+            for c in conns:
+                for svc in services:
+                    res = run_load(f"http://127.0.0.1:{svc.port}/predict", c, duration, body_file, lua)
+                    runs[svc.name][c].append(res)
+                    print(f"  round {r + 1} @{c:>3} {svc.name:38s} {res['rps']:8.0f} req/s  p50 {res['p50']:7.2f} ms"
+                          f"  p99 {res['p99']:8.2f} ms  errors {res['errors'] + res['non2xx']}", flush=True)
+        out = {}
+        for svc in services:
+            o = out[svc.name] = {"cold_start": svc.cold_start}
+            o["rss"], o["peak_rss"] = rss_mb(svc.proc.pid)
+            for c in conns:
+                rs = runs[svc.name][c]
+                o[c] = {"rps": median([x["rps"] for x in rs]), "p50": median([x["p50"] for x in rs]),
+                        "p99": median([x["p99"] for x in rs]), "errors": sum(x["errors"] for x in rs),
+                        "non2xx": sum(x["non2xx"] for x in rs)}
+        return out
+    finally:
+        for svc in services: svc.stop()
+
+
+def inference_strategies(model_dir: Path, duration: float, conns: list[int]) -> list[list[str]]:
+    """In-process, no HTTP: images/s of the micro-batcher against one forward pass per request on a thread pool,
+    with `c` concurrent asyncio callers (the event loop's view of inference)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np
+    import torch
+    from mnist_k8s.serving import BatchPredictor, ModelHolder, inference_threads
+    threads = inference_threads()
+    torch.set_num_threads(threads)
+    holder = ModelHolder(model_dir); holder.check()
+    x = np.random.default_rng(0).random((28, 28), dtype=np.float32)
+
+    def one(img):
+        with torch.inference_mode():
+            return torch.softmax(holder.current.net(torch.from_numpy(img).view(1, 1, 28, 28)), 1).numpy()[0]
+
+    async def drive(predict, c):
+        n, stop = 0, time.perf_counter() + duration
+        async def caller():
+            nonlocal n
+            while time.perf_counter() < stop:
+                await predict(x); n += 1
+        t = time.perf_counter()
+        await asyncio.gather(*[caller() for _ in range(c)])
+        return n / (time.perf_counter() - t)
+
+    rows = []
+    for c in conns:
+        row = [str(c)]
+        for max_batch in (32, 1):
+            p = BatchPredictor(holder, max_batch=max_batch, threads=threads).start()
+            row.append(f"{asyncio.run(drive(p.predict, c)):.0f}")
+            p.stop()
+        pool = ThreadPoolExecutor(threads)
+        async def pooled(img): return await asyncio.get_running_loop().run_in_executor(pool, one, img)
+        row.append(f"{asyncio.run(drive(pooled, c)):.0f}")
+        pool.shutdown()
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per load level and round (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, services taking turns (default 3; medians)")
+    ap.add_argument("--conns", default="1,16,64", help="concurrent connections, comma-separated")
+    ap.add_argument("--ours-workers", type=int, default=1, help="uvicorn workers for mnist-k8s (default 1)")
+    ap.add_argument("--skip-h11", action="store_true", help="do not run the reference on h11 + asyncio")
+    ap.add_argument("--skip-strategies", action="store_true", help="skip the in-process inference comparison")
+    ap.add_argument("--data-root", type=Path, default=REPO / "tests" / "data", help="folder holding MNIST/raw")
+    a = ap.parse_args(argv)
+    conns = [int(c) for c in a.conns.split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="mnist-k8s-bench-"))
+    try:
+        png, label = mnist_digit_png(a.data_root)
+        body = multipart(png)
+        (body_file := tmp / "body.bin").write_bytes(body)
+        (lua := tmp / "post.lua").write_text(WRK_LUA.format(body=body_file, boundary=BOUNDARY))
+        (tmp / "reference.py").write_text(REFERENCE)
+        from mnist_k8s.serving import publish_untrained
+        publish_untrained(tmp / "models")
+
+        def ours(workers):
+            port = free_port()
+            code = "import sys; from mnist_k8s.cli import main; sys.exit(main(sys.argv[1:]))"
+            return Service(f"mnist-k8s ({workers} worker{'s' * (workers > 1)})",
+                           [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
+                            "--workers", str(workers), "--model-dir", str(tmp / "models")],
+                           "/readyz", port, env={"MNIST_K8S_LOG_LEVEL": "warning"})
+        def reference(stack):
+            port = free_port()
+            return Service(f"reference ({'h11+asyncio' if stack == 'h11' else 'uvicorn auto stack'})",
+                           [sys.executable, str(tmp / "reference.py"), str(port), stack], "/health", port)
+
+        services = ([] if a.skip_h11 else [reference("h11")]) + [reference("auto"), ours(1)]
+        if a.ours_workers > 1: services.append(ours(a.ours_workers))
+        print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
+              f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
+        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua)
+        report(results, conns)
+        if not a.skip_strategies:
+            from mnist_k8s.serving import inference_threads
+            print(f"\nInference only, in-process (no HTTP, torch threads {inference_threads()}): images/s")
+            print("| concurrent callers | micro-batcher (32) | batcher without batching | thread pool, 1 forward per request |")
+            print("|---|---|---|---|")
+            for row in inference_strategies(tmp / "models", min(a.duration, 3.0), conns):
+                print("| " + " | ".join(row) + " |")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict, conns: list[int]):
+    names = list(results)
+    cols = ["service", "cold start s", "RSS MiB", "peak MiB"]
+    for c in conns: cols += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}", f"err @{c}"]
+    rows = []
+    for n in names:
+        r = results[n]
+        row = [n, f"{r['cold_start']:.2f}", f"{r['rss']:.0f}", f"{r['peak_rss']:.0f}"]
+        for c in conns:
+            x = r[c]; row += [f"{x['rps']:.0f}", f"{x['p50']:.2f}", f"{x['p99']:.2f}", str(x["errors"] + x["non2xx"])]
+        rows.append(row)
+    print()
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for row in rows: print("| " + " | ".join(row) + " |")
+    refs = [n for n in names if n.startswith("reference")]
+    for o in [n for n in names if n.startswith("mnist-k8s")]:
+        for ref in refs:
+            parts = [f"cold start {results[o]['cold_start'] / results[ref]['cold_start']:.2f}x"]
+            for c in conns:
+                parts.append(f"@{c}: {results[o][c]['rps'] / results[ref][c]['rps']:.2f}x req/s, "
+                             f"p99 {results[o][c]['p99'] / results[ref][c]['p99']:.2f}x")
+            print(f"\n{o} / {ref}: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
