@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Serving benchmark: mnist-k8s against a typical tutorial FastAPI service, on loopback, in one run.
 
-    python bench/serve.py                      # 1, 16 and 64 connections, 5 s each
+    python bench/serve.py                      # 1, 16 and 64 connections, 5 s each, 3 rounds
     python bench/serve.py --duration 3 --conns 1,16
     python bench/serve.py --ours-workers 2     # also try two uvicorn workers for mnist-k8s
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
 tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
 PyTorch-examples CNN (conv 1->32, conv 32->64, max-pool, dropout, linear 9216->128, linear 128->10) inside an
-`async def` FastAPI endpoint with `UploadFile`, one uvicorn worker, uvicorn's defaults. It runs twice: on
-plain h11 + asyncio (how the brief's reference figures were taken) and on uvicorn's `auto` stack (httptools +
-uvloop when installed), so the comparison separates the server stack from the rest.
+`async def` FastAPI endpoint with `UploadFile`, one uvicorn worker, uvicorn's defaults. It runs on plain h11 +
+asyncio (how the brief's reference figures were taken) and on uvicorn's `auto` stack (httptools + uvloop when
+installed), so the comparison separates the server stack from the rest; and once more with one torch thread
+(OMP_NUM_THREADS=1): with torch's default of one thread per core, the reference's forward pass stalls badly
+whenever another process takes a core (an OpenMP barrier waits for a descheduled thread), which on a shared
+machine makes it look far worse than it is at its best.
 
 mnist-k8s runs through its CLI (`mnist-k8s serve`, one worker unless --ours-workers) with a freshly initialised
 model of the real architecture published into a temporary model store (an untrained net costs the same as a
@@ -20,8 +23,9 @@ Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) p
 as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
 more CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready
 (each service starts alone); the services then take turns under load, `--rounds` times per connection count,
-so that changes in background load hit them alike; the table shows medians. RSS is read from /proc after the
-load. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
+so that changes in background load hit them alike; the table shows medians. "CPU ms/req" is the server's CPU
+time (all threads and workers) per answered request, which background load on a shared machine disturbs far
+less than requests/s. RSS is read from /proc after the load. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
 on a thread pool.
 """
 from __future__ import annotations
@@ -164,6 +168,19 @@ def multipart(png: bytes) -> bytes:
     return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
             f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
 
+def cpu_seconds(pid: int) -> float:
+    "CPU time (user + system) used so far by `pid` and its children (workers)."
+    pids, total = [pid], 0.0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError: pass
+    for p in pids:
+        try: fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError: continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
 def rss_mb(pid: int) -> tuple[float, float]:
     "Resident and peak resident MiB of `pid` and its children."
     pids, cur, peak = [pid], 0.0, 0.0
@@ -255,10 +272,13 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
         for r in range(rounds):
             for c in conns:
                 for svc in services:
+                    cpu0 = cpu_seconds(svc.proc.pid)
                     res = run_load(f"http://127.0.0.1:{svc.port}/predict", c, duration, body_file, lua)
+                    res["cpu_ms"] = (cpu_seconds(svc.proc.pid) - cpu0) / max(1, res["requests"]) * 1e3
                     runs[svc.name][c].append(res)
-                    print(f"  round {r + 1} @{c:>3} {svc.name:38s} {res['rps']:8.0f} req/s  p50 {res['p50']:7.2f} ms"
-                          f"  p99 {res['p99']:8.2f} ms  errors {res['errors'] + res['non2xx']}", flush=True)
+                    print(f"  round {r + 1} @{c:>3} {svc.name:50s} {res['rps']:7.0f} req/s  p50 {res['p50']:7.2f} ms"
+                          f"  p99 {res['p99']:8.2f} ms  CPU {res['cpu_ms']:.2f} ms/req  errors "
+                          f"{res['errors'] + res['non2xx']}", flush=True)
         out = {}
         for svc in services:
             o = out[svc.name] = {"cold_start": svc.cold_start}
@@ -266,7 +286,8 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
             for c in conns:
                 rs = runs[svc.name][c]
                 o[c] = {"rps": median([x["rps"] for x in rs]), "p50": median([x["p50"] for x in rs]),
-                        "p99": median([x["p99"] for x in rs]), "errors": sum(x["errors"] for x in rs),
+                        "p99": median([x["p99"] for x in rs]), "cpu_ms": median([x["cpu_ms"] for x in rs]),
+                        "errors": sum(x["errors"] for x in rs),
                         "non2xx": sum(x["non2xx"] for x in rs)}
         return out
     finally:
@@ -286,9 +307,11 @@ def inference_strategies(model_dir: Path, duration: float, conns: list[int]) -> 
     holder = ModelHolder(model_dir); holder.check()
     x = np.random.default_rng(0).random((28, 28), dtype=np.float32)
 
+    bf16 = BatchPredictor(holder).bf16            # the same arithmetic as the batcher's (bfloat16 where native)
+
     def one(img):
-        with torch.inference_mode():
-            return torch.softmax(holder.current.net(torch.from_numpy(img).view(1, 1, 28, 28)), 1).numpy()[0]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return torch.softmax(holder.current.net(torch.from_numpy(img).view(1, 1, 28, 28)).float(), 1).numpy()[0]
 
     async def drive(predict, c):
         n, stop = 0, time.perf_counter() + duration
@@ -322,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--conns", default="1,16,64", help="concurrent connections, comma-separated")
     ap.add_argument("--ours-workers", type=int, default=1, help="uvicorn workers for mnist-k8s (default 1)")
     ap.add_argument("--skip-h11", action="store_true", help="do not run the reference on h11 + asyncio")
+    ap.add_argument("--skip-ref-1thread", action="store_true",
+                    help="do not run the reference variant limited to one torch thread")
     ap.add_argument("--skip-strategies", action="store_true", help="skip the in-process inference comparison")
     ap.add_argument("--data-root", type=Path, default=REPO / "tests" / "data", help="folder holding MNIST/raw")
     a = ap.parse_args(argv)
@@ -344,12 +369,16 @@ def main(argv=None):
                            [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
                             "--workers", str(workers), "--model-dir", str(tmp / "models")],
                            "/readyz", port, env={"MNIST_K8S_LOG_LEVEL": "warning"})
-        def reference(stack):
+        def reference(stack, threads=None):
             port = free_port()
-            return Service(f"reference ({'h11+asyncio' if stack == 'h11' else 'uvicorn auto stack'})",
-                           [sys.executable, str(tmp / "reference.py"), str(port), stack], "/health", port)
+            name = "h11+asyncio" if stack == "h11" else "uvicorn auto stack"
+            return Service(f"reference ({name}{', 1 torch thread' if threads else ''})",
+                           [sys.executable, str(tmp / "reference.py"), str(port), stack], "/health", port,
+                           env={"OMP_NUM_THREADS": str(threads)} if threads else None)
 
-        services = ([] if a.skip_h11 else [reference("h11")]) + [reference("auto"), ours(1)]
+        services = ([] if a.skip_h11 else [reference("h11")]) + [reference("auto")]
+        if not a.skip_ref_1thread: services.append(reference("auto", threads=1))
+        services.append(ours(1))
         if a.ours_workers > 1: services.append(ours(a.ours_workers))
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
@@ -357,7 +386,9 @@ def main(argv=None):
         report(results, conns)
         if not a.skip_strategies:
             from mnist_k8s.serving import inference_threads
-            print(f"\nInference only, in-process (no HTTP, torch threads {inference_threads()}): images/s")
+            from mnist_k8s.serving import _native_bf16
+            print(f"\nInference only, in-process (no HTTP, torch threads {inference_threads()}, "
+                  f"{'bfloat16' if _native_bf16() else 'float32'}): images/s")
             print("| concurrent callers | micro-batcher (32) | batcher without batching | thread pool, 1 forward per request |")
             print("|---|---|---|---|")
             for row in inference_strategies(tmp / "models", min(a.duration, 3.0), conns):
@@ -369,13 +400,15 @@ def main(argv=None):
 def report(results: dict, conns: list[int]):
     names = list(results)
     cols = ["service", "cold start s", "RSS MiB", "peak MiB"]
-    for c in conns: cols += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}", f"err @{c}"]
+    for c in conns: cols += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}", f"CPU ms/req @{c}", f"err @{c}"]
     rows = []
     for n in names:
         r = results[n]
         row = [n, f"{r['cold_start']:.2f}", f"{r['rss']:.0f}", f"{r['peak_rss']:.0f}"]
         for c in conns:
-            x = r[c]; row += [f"{x['rps']:.0f}", f"{x['p50']:.2f}", f"{x['p99']:.2f}", str(x["errors"] + x["non2xx"])]
+            x = r[c]
+            row += [f"{x['rps']:.0f}", f"{x['p50']:.2f}", f"{x['p99']:.2f}", f"{x['cpu_ms']:.2f}",
+                    str(x["errors"] + x["non2xx"])]
         rows.append(row)
     print()
     print("| " + " | ".join(cols) + " |")

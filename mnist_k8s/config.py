@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     download: bool = Field(True, description="Let torchvision download MNIST when it is not under `data_root`")
 
     # --- training defaults (the training notebook's parameters; the CLI overrides them) ---
-    epochs: int = Field(6, ge=1, description="Training epochs")
+    epochs: int = Field(12, ge=1, description="Training epochs")
     batch_size: int = Field(128, ge=1, description="Mini-batch size")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate")
     seed: int = Field(42, description="Random seed for weights, shuffling and augmentation")

@@ -109,5 +109,8 @@ def test_concurrent_requests_get_their_own_answers(client):
     with ThreadPoolExecutor(12) as pool:
         together = list(pool.map(lambda d: client.post("/predict", files={"file": ("d.png", d, "image/png")})
                                  .json()["probabilities"], digits * 3))
-    for i, p in enumerate(together):
-        assert max(abs(a - b) for a, b in zip(p, alone[i % 24])) < 1e-4
+    import numpy as np
+    alone, together = np.array(alone), np.array(together)
+    dist = np.abs(together[:, None] - alone[None]).max(-1)        # each answer against every image's own answer
+    assert (dist.argmin(1) == np.arange(len(together)) % 24).all()   # closest to its own image's answer...
+    assert dist[np.arange(len(together)), np.arange(len(together)) % 24].max() < 1e-3  # ...up to bfloat16 rounding

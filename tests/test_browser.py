@@ -161,9 +161,12 @@ def test_page_without_model_then_model_appears(browser, trained, tmp_path):
         v = copy_version(trained, tmp_path)
         pg.wait_for_selector("#no-model", state="hidden", timeout=20000)
         assert v in pg.text_content("#model-facts")
+        facts = "".join(pg.text_content("#model-facts").split())      # the card as the script drew it ...
         draw(pg, [[(150, 40), (140, 240)]])
         wait_digit(pg)
         assert pg.evaluate("window.__csp") == [] and console.errors == []
+        pg.reload()
+        assert "".join(pg.text_content("#model-facts").split()) == facts    # ... is the one the server renders
         ctx.close()
 
 

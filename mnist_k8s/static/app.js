@@ -196,7 +196,14 @@
     const acc = m.test_accuracy;
     facts.push(fact("Test accuracy", typeof acc === "number" ? `${(acc * 100).toFixed(2)}%` : acc ? String(acc) : "n/a"));
     facts.push(fact("Trained", when(m.created_at)));
+    const n = (x) => x.toLocaleString("en-US");
+    const size = m.dataset && m.dataset.train_size, epochs = m.params && m.params.epochs;
+    if (typeof size === "number") {
+      const times = typeof epochs === "number" ? ` \u00d7 ${epochs} epoch${epochs === 1 ? "" : "s"}` : "";
+      facts.push(fact("Trained on", `${n(size)} digits${times}`));
+    }
     if (typeof m.train_seconds === "number") facts.push(fact("Training time", `${Math.round(m.train_seconds)} s`));
+    if (typeof m.n_parameters === "number") facts.push(fact("Parameters", n(m.n_parameters)));
     $("model-facts").replaceChildren(...facts);
     $("report-link").hidden = false;
   }

@@ -1,0 +1,51 @@
+"""Schema-driven fuzzing of a real `mnist-k8s serve` process with Schemathesis (v4 API).
+
+The schema is the app's own OpenAPI document (the one the server publishes at `/openapi.json`: checked
+equal below). For every operation Schemathesis generates valid and invalid requests (a bounded number of
+examples per operation) and runs its default checks on every response: no 5xx, the status code and the
+content type are documented for that operation, the body conforms to the documented schema, invalid data is
+rejected, unsupported methods get 405. One default check is left out, `positive_data_acceptance`: a
+request can fit the schema (a binary file) and still rightly be refused (a blank or corrupt image: 4xx).
+
+`tests/test_app.py` fuzzes the app in-process for "no 500, JSON errors"; this adds the real HTTP server and
+the response-conformance checks."""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import positive_data_acceptance  # noqa: E402
+
+from _proof_fixtures import serve_copy, trained  # noqa: E402,F401
+from mnist_k8s.app import create_app  # noqa: E402
+from mnist_k8s.config import Settings  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+EXAMPLES = 60                       # per operation and generation phase; bounded so the run stays short
+
+OPENAPI = create_app(Settings(_env_file=None, model_dir=tempfile.mkdtemp(prefix="mnist-k8s-fuzz-"))).openapi()
+schema = schemathesis.openapi.from_dict(OPENAPI)
+COUNT: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    with serve_copy(trained, tmp_path_factory.mktemp("fuzz-models")) as s:
+        yield s
+        print(f"\nschemathesis examples per operation: {COUNT} (total {sum(COUNT.values())})")
+        metrics = s.get("/metrics").text
+        assert 'status="5' not in metrics and "Traceback" not in s.output(), s.output()[-3000:]
+
+
+def test_served_schema_is_the_fuzzed_schema(server):
+    assert server.get("/openapi.json").json() == OPENAPI
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_api_conforms_to_its_schema(server, case):
+    COUNT[case.operation.label] = COUNT.get(case.operation.label, 0) + 1
+    case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance], timeout=30)
