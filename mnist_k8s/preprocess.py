@@ -343,8 +343,8 @@ def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
         paper = _reduce(_composite(grey, alpha, 0), _WORK)
         lut = _ink_lut(paper)
     if lut is not None:
-        ink = paper.point(lut.tolist())  # ink strength, 0-255
-        inks = np.asarray(ink)
+        inks = lut[np.asarray(paper)]  # ink strength, 0-255 (numpy: Image.point re-reads the table each call)
+        ink = Image.fromarray(inks)
     bbox = None if lut is None else _ink_bbox(inks)
     if bbox is None:
         if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
