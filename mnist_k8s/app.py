@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import struct
 import tempfile
@@ -19,18 +20,20 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from python_multipart import MultipartParser
 from python_multipart.multipart import MultipartState, parse_options_header
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import preprocess as pp
 from . import store
@@ -38,9 +41,10 @@ from .config import Settings, get_settings
 from .serving import BatchPredictor, ModelHolder, NoModel, Prediction
 
 # %% auto #0
-__all__ = ['log', 'PKG', 'BODY_TIMEOUT', 'CSP', 'SECURITY_HEADERS', 'INLINE_BYTES', 'INLINE_PIXELS', 'REPORT_HEADERS', 'ApiError',
-           'error_response', 'Part', 'parse_multipart', 'Metrics', 'EdgeMiddleware', 'cheap_image', 'Service', 'finite',
-           'render_report', 'format_time', 'create_app', 'serve']
+__all__ = ['log', 'PKG', 'BODY_TIMEOUT', 'CSP', 'SECURITY_HEADERS', 'INLINE_BYTES', 'INLINE_PIXELS', 'REPORT_HEADERS',
+           'MAX_HEAD_BYTES', 'ApiError', 'error_response', 'Part', 'parse_multipart', 'Metrics', 'EdgeMiddleware',
+           'cheap_image', 'Service', 'ErrorBody', 'PredictionBody', 'BatchPrediction', 'BatchError', 'Readiness',
+           'finite', 'strip_scripts', 'render_report', 'format_time', 'create_app', 'serve']
 
 # %% ../nbs/08_app.ipynb #16b50521
 log = logging.getLogger("mnist_k8s.app")
@@ -122,6 +126,8 @@ class Metrics:
         self.reloads = Counter("mnist_model_reloads", "Model versions loaded", registry=r)
         self.reload_failures = Counter("mnist_model_reload_failures",
                                        "Model versions refused (missing, truncated or corrupt)", registry=r)
+        self.store_ok = Gauge("mnist_model_store_ok", "1 while the model store is healthy, 0 while it is degraded",
+                              multiprocess_mode="livemin", registry=r)
         self.batch_size = Histogram("mnist_inference_batch_size", "Images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.forward = Histogram("mnist_inference_batch_seconds", "Seconds per forward pass",
@@ -203,6 +209,8 @@ class EdgeMiddleware:
                 await response(scope, receive_limited, send_wrapper)
             else:
                 await self.app(scope, receive_limited, send_wrapper)
+        except ClientDisconnect:
+            status = 499                          # the client went away before its request was complete
         except Exception as e:
             if started: raise
             if isinstance(e, ApiError): response = _api_error_response(e, self.metrics)
@@ -294,6 +302,37 @@ _BATCH_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"],
                                        "properties": {"files": {"type": "array", "items": _FILE_SCHEMA}}}}}}}
 
+class ErrorBody(BaseModel):
+    "Every refused request: a short machine-readable `error` and a `detail` for people."
+    error: str = Field(examples=["not_image"])
+    detail: Any = Field(examples=["The upload is not a recognised image."])
+
+class PredictionBody(BaseModel):
+    digit: int = Field(ge=0, le=9)
+    probabilities: list[float] = Field(min_length=10, max_length=10, description="one per digit, summing to 1")
+    version: str = Field(description="the model version that answered")
+    inference_ms: float = Field(description="from queueing the image to its result")
+
+class BatchPrediction(PredictionBody):
+    filename: str | None
+
+class BatchError(ErrorBody):
+    filename: str | None
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    version: str
+    store: Literal["ok", "degraded"] = Field(description="`degraded`: the volume has a problem; the model in memory still serves")
+    store_detail: str | None = Field(None, description="what is wrong with the store, when degraded")
+
+_ERRORS = {400: "malformed request or empty file", 408: "body not received in time", 413: "too large: body, pixels or files",
+           415: "not an image, or an unsupported format or content type", 422: "an image, but no digit can be read from it",
+           404: "not found", 503: "no model loaded yet, or shutting down"}
+
+def _errors(*codes: int) -> dict:
+    "OpenAPI entries for the error statuses `codes`, all answered with an `ErrorBody`."
+    return {c: {"model": ErrorBody, "description": _ERRORS[c]} for c in codes}
+
 async def _read_body(request: Request) -> bytes:
     try:
         if hasattr(asyncio, "timeout"):           # Python 3.11+: no extra task per request
@@ -347,35 +386,40 @@ def _add_routes(app: FastAPI, svc: Service, templates: Jinja2Templates):
             "max_upload_mb": s.max_upload_bytes / 2**20, "asset_version": _asset_version()})
 
     @app.post("/predict", openapi_extra=_PREDICT_BODY, summary="Predict the digit in one image",
-              responses={200: {"description": "`{digit, probabilities, version, inference_ms}`"}})
+              response_model=PredictionBody, responses=_errors(400, 408, 413, 415, 422, 503))
     async def predict(request: Request): return await svc.handle_predict(request)
 
     @app.post("/predict/batch", openapi_extra=_BATCH_BODY, summary="Predict the digits in several images",
-              responses={200: {"description": "A list with one `{filename, digit, probabilities, version, "
-                                              "inference_ms}` or `{filename, error, detail}` per file"}})
+              response_model=list[BatchPrediction | BatchError], responses=_errors(400, 408, 413, 415, 422, 503),
+              response_description="One `{filename, digit, ...}` or `{filename, error, detail}` per file, in order")
     async def predict_batch(request: Request): return await svc.handle_batch(request)
 
     @app.get("/healthz", summary="Liveness")
-    async def healthz(): return {"status": "ok"}
+    async def healthz() -> dict[str, Literal["ok"]]: return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness", responses={503: {"description": "No model yet, or shutting down"}})
+    @app.get("/readyz", summary="Readiness", response_model=Readiness, response_model_exclude_none=True,
+             responses=_errors(503))
     async def readyz():
         if svc.shutting_down: return error_response("shutting_down", 503, "the server is shutting down")
-        if (m := svc.holder.current) is None:
-            detail = "no model is loaded yet" + (f" (version {svc.holder.refused} was refused: see the server log)"
-                                                 if svc.holder.refused else "")
-            return error_response("no_model", 503, detail)
-        return {"status": "ready", "version": m.version}
+        h = svc.holder
+        if (m := h.current) is None:
+            return error_response("no_model", 503, "no model is loaded yet" + (f" ({h.store_problem})" if h.store_problem else ""))
+        if (problem := h.store_problem) is None: return {"status": "ready", "version": m.version, "store": "ok"}
+        return {"status": "ready", "version": m.version, "store": "degraded", "store_detail": problem}
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics(): return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics():
+        svc.metrics.store_ok.set(0 if svc.holder.store_problem else 1)
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/model", summary="Metadata of the model being served")
+    @app.get("/model", summary="Metadata of the model being served", response_model=dict[str, Any],
+             responses=_errors(503))
     async def model():
         if (m := svc.holder.current) is None: raise _no_model()
         return JSONResponse(finite(m.metadata))
 
-    @app.get("/report", response_class=HTMLResponse, summary="Training report of the model being served")
+    @app.get("/report", response_class=HTMLResponse, summary="Training report of the model being served",
+             responses=_errors(404, 503))
     async def report():
         if (m := svc.holder.current) is None: raise _no_model()
         html = _inside(s.model_dir, store.version_file(s.model_dir, m.version, store.REPORT_HTML))
@@ -396,13 +440,20 @@ REPORT_HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'
                   "'unsafe-inline'; font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                   "form-action 'none'; sandbox"}
 
+_SCRIPT = re.compile(r"<script\b[^>]*>.*?</script\s*>", re.S | re.I)
+_SCRIPT_TAG = re.compile(r"<(/?script)", re.I)
+
+def strip_scripts(html: str) -> str:
+    "`html` without `<script>` elements, however nested; a tag left without its partner becomes text."
+    while (stripped := _SCRIPT.sub("", html)) != html: html = stripped
+    return _SCRIPT_TAG.sub(r"&lt;\1", html)
+
 def render_report(path: Path) -> bytes:
     "Render an executed notebook to standalone HTML with nbconvert, without its scripts (plots are embedded)."
-    import re
     import nbformat
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(nbformat.read(path, as_version=4))
-    return re.sub(r"<script\b.*?</script>", "", body, flags=re.S | re.I).encode()
+    return strip_scripts(body).encode()
 
 # %% ../nbs/08_app.ipynb #c1e67095
 def _swagger_assets() -> Path | None:
@@ -524,6 +575,50 @@ def _export_settings(s: Settings):
         if value is not None: os.environ[f"MNIST_K8S_{name.upper()}"] = str(value)
     get_settings.cache_clear()
 
+MAX_HEAD_BYTES = 64 * 1024   # request line + headers
+
+try: from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpTools
+except ImportError: _HttpTools = None      # no httptools: uvicorn runs h11, bounded by h11_max_incomplete_event_size
+
+if _HttpTools is not None:
+    class BoundedHttpTools(_HttpTools):
+        "uvicorn's httptools protocol, answering 431 to a request line plus headers over `MAX_HEAD_BYTES`."
+        _in_head, _head_bytes, _head_size, _too_large = True, 0, 0, False
+
+        def on_message_begin(self):
+            self._in_head, self._head_size = True, 0
+            super().on_message_begin()
+
+        def _grow(self, n: int):
+            self._head_size += n
+            if self._head_size > MAX_HEAD_BYTES:        # httptools turns this into a parser error: 431 below
+                self._too_large = True; raise ValueError("request head too large")
+
+        def on_url(self, url: bytes): self._grow(len(url)); super().on_url(url)
+        def on_header(self, name: bytes, value: bytes): self._grow(len(name) + len(value) + 4); super().on_header(name, value)
+
+        def on_headers_complete(self):
+            self._in_head, self._head_bytes = False, 0; super().on_headers_complete()
+
+        def data_received(self, data: bytes):
+            if self._in_head: self._head_bytes += len(data)   # a head still arriving: bound what it buffers
+            super().data_received(data)
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._too_large = True; self.send_400_response("")
+
+        def send_400_response(self, msg: str):
+            if not self._too_large: return super().send_400_response(msg)
+            body = json.dumps({"error": "headers_too_large",
+                               "detail": f"request line and headers larger than {MAX_HEAD_BYTES} bytes"}).encode()
+            head = [b"HTTP/1.1 431 Request Header Fields Too Large", b"content-type: application/json",
+                    b"content-length: %d" % len(body), b"connection: close",
+                    b"content-security-policy: " + CSP.encode(), *(k + b": " + v for k, v in SECURITY_HEADERS)]
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
+
+def _http_protocol():
+    return BoundedHttpTools if _HttpTools is not None else "h11"
+
 def serve(settings: Settings | None = None):
     "Run the service with uvicorn (blocking); SIGTERM drains in-flight requests within `graceful_timeout`."
     import copy
@@ -537,12 +632,15 @@ def serve(settings: Settings | None = None):
     # the package's own messages (model loaded, version refused, ...) go through uvicorn's log handler too
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["mnist_k8s"] = {"handlers": ["default"], "level": s.log_level.upper(), "propagate": False}
+    # python-multipart logs every malformed body it is sent at warning level: that is the client's business
+    log_config["loggers"]["python_multipart"] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
     # uvicorn re-raises SIGTERM after its graceful shutdown; a drained, clean stop should exit 0, not 143
     previous = signal.signal(signal.SIGTERM, lambda *_: log.info("stopped after SIGTERM"))
     try:
         uvicorn.run("mnist_k8s.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
                     log_level=s.log_level, log_config=log_config, access_log=s.log_level == "debug",
-                    timeout_graceful_shutdown=s.graceful_timeout, proxy_headers=True, server_header=False)
+                    timeout_graceful_shutdown=s.graceful_timeout, proxy_headers=True, server_header=False,
+                    http=_http_protocol(), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if metrics_dir:

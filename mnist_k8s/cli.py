@@ -68,12 +68,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # %% ../nbs/09_cli.ipynb #4bd89dab
 def cmd_train(s: Settings) -> int:
     from mnist_k8s.pipeline import TrainingFailed, run_training
-    try: result = run_training(s)
+    try: run_training(s)
     except TrainingFailed as e:
         print(f"mnist-k8s train: {e}", file=sys.stderr)
         return 1
-    print(f"published version {result.version}\n  model:  {result.version_dir}\n  report: {result.report}")
-    return 0
+    return 0  # run_training has printed where the model and its report are
 
 def cmd_serve(s: Settings) -> int:
     from mnist_k8s.app import serve

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import MNIST
 
 # %% auto #0
 __all__ = ['MNIST_MEAN', 'MNIST_STD', 'Digits', 'balanced_subset', 'load_mnist', 'random_affine', 'Batches']
@@ -62,6 +61,7 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
 def load_mnist(root: str | Path, train: bool = True, download: bool = False,
                limit: int | None = None, seed: int = 0) -> Digits:
     "The MNIST training (or test) split under `root/MNIST/raw`, optionally a balanced subset of `limit` digits."
+    from torchvision.datasets import MNIST  # here, not at import: serving imports this module for its constants
     ds = MNIST(str(root), train=train, download=download)
     digits = Digits(ds.data, ds.targets)
     return digits if limit is None else digits[balanced_subset(digits.labels, limit, seed)]

@@ -67,9 +67,18 @@ def optimize_for_inference(net: torch.nn.Module, example: torch.Tensor) -> torch
     return net
 
 # %% ../nbs/07_serving.ipynb #b0e5bc67
+def _confined(model_dir: Path | str, version: str):
+    "Refuse `version` if its folder or one of its files leads out of the model store (through a symlink)."
+    root, folder = Path(model_dir).resolve(), store.version_dir(model_dir, version)
+    names = (store.MODEL_FILE, store.METADATA_FILE, store.REPORT_FILE, store.REPORT_HTML)
+    for p in (folder, *(folder / n for n in names)):
+        if not p.resolve().is_relative_to(root):
+            raise store.ModelStoreError(f"version {version}: {p.name} leads out of the model store (a symlink)")
+
 def load_model(model_dir: Path | str, version: str,
                builder: Callable[..., torch.nn.Module] | None = None) -> LoadedModel:
     "Load, verify and sanity-check `version`; any problem is a `store.ModelStoreError`."
+    _confined(model_dir, version)
     state, meta = store.load_state(model_dir, version)
     arch = meta.get("arch") or {}
     if not isinstance(arch, dict): raise store.ModelStoreError(f"version {version}: metadata 'arch' is not a mapping")
@@ -102,6 +111,7 @@ class ModelHolder:
         self.current: LoadedModel | None = None   # swapped with one assignment, never mutated
         self.refused: str | None = None           # the version `latest` names that failed to load
         self.last_error: str | None = None
+        self.store_problem: str | None = None     # what is wrong with the store (None: nothing)
         self.loads = self.failures = 0
         self._refused_at = 0.0
         self._lock = threading.Lock()             # one check at a time
@@ -114,25 +124,57 @@ class ModelHolder:
             try: self.on_event(kind, version, error)
             except Exception: log.exception("model event hook failed")
 
+    def _pointer(self) -> tuple[str | None, str | None]:
+        "The version `latest` names, or `None` and what keeps it from naming one."
+        path = self.model_dir / store.LATEST
+        try: text = path.read_text().strip()
+        except FileNotFoundError:
+            if not self.model_dir.is_dir(): return None, f"the model store {self.model_dir} is not there (volume not mounted?)"
+            return None, f"{path} does not exist (nothing is published)"
+        except (OSError, UnicodeDecodeError) as e: return None, f"cannot read {path}: {e}"
+        try: return store.check_version(text), None
+        except store.ModelStoreError: return None, f"{path} names no valid version"
+
+    def _served_problem(self) -> str | None:
+        "What happened to the files of the version being served, if anything (cheap: one small read, one stat)."
+        m = self.current
+        try:
+            meta = store.read_metadata(self.model_dir, m.version)
+            size = store.version_file(self.model_dir, m.version, store.MODEL_FILE).stat().st_size
+        except (store.ModelStoreError, OSError) as e:
+            return f"the files of the served version {m.version} are gone or unreadable ({e})"
+        if meta.get("sha256") != m.metadata.get("sha256") or size != m.metadata.get("size"):
+            return f"the files of the served version {m.version} changed on the volume"
+        return None
+
     def check(self) -> bool:
         "Load the version `latest` names if it is new and sound; `True` when the served model changed."
         with self._lock:
-            version = store.latest_version(self.model_dir)
+            version, problem = self._pointer()
             if version != self.refused: self.refused = None
-            if version is None or version == self.version: return False
-            if version == self.refused and time.monotonic() - self._refused_at < self.retry_after: return False
-            try: loaded = load_model(self.model_dir, version, self.builder)
-            except Exception as e:
-                self.refused, self._refused_at, self.last_error = version, time.monotonic(), str(e)
-                self.failures += 1
-                log.warning("refused model version %s (still serving %s): %s", version, self.version, e)
-                self._event("failure", version, str(e))
-                return False
-            self.current = loaded                 # the atomic swap
-            self.loads += 1; self.last_error = None
-            log.info("serving model version %s", version)
-            self._event("loaded", version)
-            return True
+            changed, refusal = False, False
+            if version is None: pass
+            elif version == self.version: problem = self._served_problem()
+            elif version == self.refused and time.monotonic() - self._refused_at < self.retry_after:
+                problem, refusal = f"refused: {self.last_error}", True
+            else:
+                try: loaded = load_model(self.model_dir, version, self.builder)
+                except Exception as e:
+                    self.refused, self._refused_at, self.last_error = version, time.monotonic(), str(e)
+                    self.failures += 1
+                    problem, refusal = f"refused: {e}", True
+                    log.warning("refused model version %s (still serving %s): %s", version, self.version, e)
+                    self._event("failure", version, str(e))
+                else:
+                    self.current = loaded             # the atomic swap
+                    self.loads += 1; self.last_error = None; changed = True
+                    log.info("serving model version %s", version)
+                    self._event("loaded", version)
+            if problem != self.store_problem and self.current is not None and not refusal:
+                if problem: log.warning("model store degraded (still serving %s): %s", self.version, problem)
+                elif self.store_problem: log.info("model store healthy again")
+            self.store_problem = problem
+            return changed
 
     async def watch(self, interval: float):
         "Check every `interval` seconds, in a worker thread so the event loop keeps serving; runs until cancelled."
