@@ -44,7 +44,7 @@ from .serving import BatchPredictor, ModelHolder, NoModel, Prediction
 __all__ = ['log', 'PKG', 'BODY_TIMEOUT', 'CSP', 'SECURITY_HEADERS', 'INLINE_BYTES', 'INLINE_PIXELS', 'REPORT_HEADERS',
            'MAX_HEAD_BYTES', 'ApiError', 'error_response', 'Part', 'parse_multipart', 'Metrics', 'EdgeMiddleware',
            'cheap_image', 'Service', 'ErrorBody', 'PredictionBody', 'BatchPrediction', 'BatchError', 'Readiness',
-           'finite', 'strip_scripts', 'render_report', 'format_time', 'create_app', 'serve']
+           'finite', 'render_report', 'format_time', 'create_app', 'serve']
 
 # %% ../nbs/08_app.ipynb #16b50521
 log = logging.getLogger("mnist_k8s.app")
@@ -436,17 +436,12 @@ def _add_routes(app: FastAPI, svc: Service, templates: Jinja2Templates):
         return HTMLResponse(svc._report[1], headers=REPORT_HEADERS)
 
 # %% ../nbs/08_app.ipynb #e755f205
+from .pipeline import strip_scripts  # the same cleaning as reports rendered at training time
 REPORT_HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self' data:; style-src 'self' "
                   "'unsafe-inline'; font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                   "form-action 'none'; sandbox"}
 
-_SCRIPT = re.compile(r"<script\b[^>]*>.*?</script\s*>", re.S | re.I)
-_SCRIPT_TAG = re.compile(r"<(/?script)", re.I)
 
-def strip_scripts(html: str) -> str:
-    "`html` without `<script>` elements, however nested; a tag left without its partner becomes text."
-    while (stripped := _SCRIPT.sub("", html)) != html: html = stripped
-    return _SCRIPT_TAG.sub(r"&lt;\1", html)
 
 def render_report(path: Path) -> bytes:
     "Render an executed notebook to standalone HTML with nbconvert, without its scripts (plots are embedded)."

@@ -17,7 +17,7 @@ from . import store
 from .config import Settings, get_settings
 
 # %% auto #0
-__all__ = ['TrainingFailed', 'TrainingResult', 'render_html', 'notebook_parameters', 'run_training']
+__all__ = ['TrainingFailed', 'TrainingResult', 'strip_scripts', 'render_html', 'notebook_parameters', 'run_training']
 
 # %% ../nbs/05_pipeline.ipynb #24971f30
 class TrainingFailed(RuntimeError):
@@ -38,6 +38,13 @@ class TrainingResult:
 
 # %% ../nbs/05_pipeline.ipynb #b6df9c0d
 _SCRIPT = re.compile(r"<script\b[^>]*>.*?</script\s*>", re.IGNORECASE | re.DOTALL)
+_SCRIPT_TAG = re.compile(r"<(/?script)", re.IGNORECASE)
+
+def strip_scripts(html: str) -> str:
+    "`html` without `<script>` elements, however nested; a tag left without its partner becomes text."
+    while (stripped := _SCRIPT.sub("", html)) != html: html = stripped
+    return _SCRIPT_TAG.sub(r"&lt;\1", html)
+
 _NO_ALT = "No description has been provided for this image"  # nbconvert's stand-in, with a warning per report
 _quiet = logging.getLogger("mnist_k8s.pipeline.nbconvert")
 _quiet.setLevel(logging.ERROR)
@@ -51,7 +58,7 @@ def render_html(notebook: Path | str, title: str | None = None) -> str:
     exporter = HTMLExporter(embed_images=True, log=_quiet)
     exporter.register_preprocessor(CoalesceStreamsPreprocessor(), enabled=True)
     html, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or Path(notebook).stem}})
-    return _SCRIPT.sub("", html).replace(f'alt="{_NO_ALT}"', 'alt="A figure of the training report"')
+    return strip_scripts(html).replace(f'alt="{_NO_ALT}"', 'alt="A figure of the training report"')
 
 # %% ../nbs/05_pipeline.ipynb #4e2bc95b
 def notebook_parameters(s: Settings, version: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ What readiness reports (the "truth"):
   taking the pod out of rotation for a storage hiccup would turn it into an outage. Its JSON says
   `"store": "ok"`, or `"store": "degraded"` with a `store_detail` when the volume cannot be read, `latest` is
   missing or unusable, the version `latest` names was refused, or the files of the served version are gone or
-  changed. A server in this state keeps answering with its model, and picks up the next good version.
+  changed (and the gauge `mnist_model_store_ok` drops to 0, for alerts). A server in this state keeps
+  answering with its model, and picks up the next good version.
 - `/readyz` is **503** (`no_model`) when nothing can be served: no model in memory, e.g. a server started while
   the only version is broken or the volume is unreadable; the detail says why.
 - `/readyz` is **503** (`shutting_down`) once SIGTERM arrived.
@@ -71,6 +72,7 @@ def assert_degraded_but_serving(server, version: str, mention: str | None = None
     assert status == 200 and j["version"] == version and j["store"] == "degraded" and j["store_detail"], j
     if mention: assert mention in j["store_detail"], j
     assert predict(server)["version"] == version
+    assert "\nmnist_model_store_ok 0.0" in server.get("/metrics").text        # and monitoring sees it too
 
 
 def assert_nothing_to_serve(model_dir: Path, mention: str | None = None, **kw):
@@ -198,6 +200,7 @@ def test_unreadable_volume(trained, tmp_path, how):
             repair()
         wait_for(lambda: store_state(s) == "ok", timeout=TICK)
         assert s.version() == v and predict(s)["version"] == v
+        assert "\nmnist_model_store_ok 1.0" in s.get("/metrics").text
     finally:
         if real.exists(): real.chmod(0o755)
         s.stop()

@@ -9,7 +9,8 @@ Three groups:
   PNG), polyglots;
 - **requests**: multipart abuse (thousands of parts, huge part headers, a 10 MB filename, non-UTF-8 and
   path-traversal filenames, nested and malformed boundaries), wrong content types and methods, query strings,
-  broken framing (bad Content-Length, chunked errors, smuggling-style headers, a body cut short);
+  broken framing (bad Content-Length, chunked errors, smuggling-style headers, a body cut short), request
+  heads of a megabyte or 20,000 headers (refused with 431 before they are buffered);
 - **slow clients**: a body that stalls (408 after the body timeout) and many connections holding half-sent
   headers, while the server keeps answering everyone else.
 
@@ -171,7 +172,6 @@ def files() -> dict[str, File]:
     rgb = big.convert("RGB")
     ink = Image.eval(big, lambda v: 255 - v)                  # white ink on black, 112x112
     a16 = np.asarray(big, np.uint16) * 257
-    p = ink.convert("P")
     c: dict[str, File] = {}
     def ok(name, data, ctype="application/octet-stream"): c[name] = File(data, ctype, "predict")
 
@@ -249,7 +249,7 @@ def files() -> dict[str, File]:
     ok("png_mnist_28x28", encode(small))
     ok("png_16bit", encode(Image.fromarray(a16.astype(np.uint16))))
     ok("png_1bit", encode(big.point(lambda v: 255 if v > 127 else 0).convert("1")))
-    ok("png_palette_transparency", encode(p, transparency=0))
+    ok("png_palette_transparency", encode(big.convert("P"), transparency=255))     # white paper made transparent
     ok("png_la_drawing", encode(Image.merge("LA", [Image.new("L", big.size, 0), ink])))
     ok("png_rgba_drawing", encode(Image.merge("RGBA", [Image.new("L", big.size, 0)] * 3 + [ink])))
     ok("apng_two_frames", encode(big, save_all=True, append_images=[Image.new("L", big.size, 255)]))
