@@ -58,22 +58,8 @@ REFERENCE = textwrap.dedent('''
     from fastapi import FastAPI, File, UploadFile
     from PIL import Image
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 32, 3, 1)
-            self.conv2 = nn.Conv2d(32, 64, 3, 1)
-            self.dropout1 = nn.Dropout(0.25)
-            self.dropout2 = nn.Dropout(0.5)
-            self.fc1 = nn.Linear(9216, 128)
-            self.fc2 = nn.Linear(128, 10)
-
-        def forward(self, x):
-            x = F.relu(self.conv1(x))
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-            x = torch.flatten(self.dropout1(x), 1)
-            x = self.dropout2(F.relu(self.fc1(x)))
-            return F.log_softmax(self.fc2(x), dim=1)
+    sys.path.insert(0, "{bench}")
+    from reference_net import Net  # bench/reference_net.py
 
     model = Net()
     model.eval()
@@ -358,7 +344,7 @@ def main(argv=None):
         body = multipart(png)
         (body_file := tmp / "body.bin").write_bytes(body)
         (lua := tmp / "post.lua").write_text(WRK_LUA.format(body=body_file, boundary=BOUNDARY))
-        (tmp / "reference.py").write_text(REFERENCE)
+        (tmp / "reference.py").write_text(REFERENCE.replace("{bench}", str(Path(__file__).resolve().parent)))
         from mnist_k8s.serving import publish_untrained
         publish_untrained(tmp / "models")
 
