@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from _serve_fixtures import free_port
 from _deploy_fixtures import (DOCKERFILES, ROOT, console_script, copy_args, downward_cpu, find, pod_spec,
                               rendered, skaffold, stages)
 
@@ -95,12 +95,6 @@ class Pod:
         port = p["httpGet"]["port"]
         if isinstance(port, str): port = next(x["containerPort"] for x in self.c["ports"] if x["name"] == port)
         return p["httpGet"]["path"], {"port": port, **p}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digit_png(sample: Path) -> bytes:
