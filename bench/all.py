@@ -128,6 +128,8 @@ def summary(serving: dict | None, reload: dict | None, training: dict | None) ->
         err = lambda x: sum(x[c]["errors"] + x[c]["non2xx"] for c in conns)
         rows.append(("failed or non-2xx requests (all levels)", str(err(o)), str(err(r)), ""))
         rows.append(("RSS after the load, MiB", f"{o['rss']:.0f}", f"{r['rss']:.0f}", _ratio(o["rss"], r["rss"])))
+        rows.append(("PSS after the load, MiB (shared pages divided among processes)", f"{o['pss']:.0f}",
+                     f"{r['pss']:.0f}", _ratio(o["pss"], r["pss"])))
         rows.append(("peak RSS, MiB", f"{o['peak_rss']:.0f}", f"{r['peak_rss']:.0f}", _ratio(o["peak_rss"], r["peak_rss"])))
         rows.append(("cold start s (launch to ready)", f"{o['cold_start']:.2f}", f"{r['cold_start']:.2f}",
                      _ratio(o["cold_start"], r["cold_start"])))

@@ -3,7 +3,7 @@
 
     python bench/serve.py                      # 1, 16 and 64 connections, 5 s each, 3 rounds
     python bench/serve.py --duration 3 --conns 1,16
-    python bench/serve.py --ours-workers 2     # also try two uvicorn workers for mnist-k8s
+    python bench/serve.py --ours-workers 3     # also try mnist-k8s with three server processes
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
 tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
@@ -15,9 +15,11 @@ installed), so the comparison separates the server stack from the rest; and once
 whenever another process takes a core (an OpenMP barrier waits for a descheduled thread), which on a shared
 machine makes it look far worse than it is at its best.
 
-mnist-k8s runs through its CLI (`mnist-k8s serve`, one worker unless --ours-workers) with a freshly initialised
-model of the real architecture published into a temporary model store (an untrained net costs the same as a
-trained one), and the real preprocessing (`mnist_k8s.preprocess`).
+mnist-k8s runs through its CLI (`mnist-k8s serve`) as it is deployed: with its default number of server
+processes (one per CPU of the quota, forked after the imports), and once more limited to one process (unless
+that is the default already, or --skip-ours-1worker), with a freshly initialised model of the real
+architecture published into a temporary model store (an untrained net costs the same as a trained one), and
+the real preprocessing (`mnist_k8s.preprocess`).
 
 Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
 as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
@@ -25,7 +27,9 @@ more CPU, which matters on 2 cores). Cold start is the time from launching the p
 (each service starts alone); the services then take turns under load, `--rounds` times per connection count,
 so that changes in background load hit them alike; the table shows medians. "CPU ms/req" is the server's CPU
 time (all threads and workers) per answered request, which background load on a shared machine disturbs far
-less than requests/s. RSS is read from /proc after the load. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
+less than requests/s. Memory is read from /proc after the load: RSS adds up each process's resident pages,
+so pages that forked workers share with their parent (torch's code and data) count once per process; PSS
+divides each shared page among the processes sharing it, so it is what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
 on a thread pool.
 """
 from __future__ import annotations
@@ -167,19 +171,20 @@ def cpu_seconds(pid: int) -> float:
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    "Resident and peak resident MiB of `pid` and its children."
-    pids, cur, peak = [pid], 0.0, 0.0
+def rss_mb(pid: int) -> tuple[float, float, float]:
+    "Resident, peak resident and proportional (PSS) MiB of `pid` and its children."
+    pids, cur, peak, pss = [pid], 0.0, 0.0, 0.0
     try:
         for t in os.listdir(f"/proc/{pid}/task"):
             pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
     except OSError: pass
     for p in pids:
-        try: status = Path(f"/proc/{p}/status").read_text()
+        try: status, rollup = Path(f"/proc/{p}/status").read_text(), Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError: continue
         cur += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
         peak += int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    return cur, peak
+        pss += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1)) / 1024
+    return cur, peak, pss
 
 
 class Service:
@@ -268,7 +273,7 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
         out = {}
         for svc in services:
             o = out[svc.name] = {"cold_start": svc.cold_start}
-            o["rss"], o["peak_rss"] = rss_mb(svc.proc.pid)
+            o["rss"], o["peak_rss"], o["pss"] = rss_mb(svc.proc.pid)
             for c in conns:
                 rs = runs[svc.name][c]
                 o[c] = {"rps": median([x["rps"] for x in rs]), "p50": median([x["p50"] for x in rs]),
@@ -329,7 +334,8 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per load level and round (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, services taking turns (default 3; medians)")
     ap.add_argument("--conns", default="1,16,64", help="concurrent connections, comma-separated")
-    ap.add_argument("--ours-workers", type=int, default=1, help="uvicorn workers for mnist-k8s (default 1)")
+    ap.add_argument("--ours-workers", type=int, default=None, help="also run mnist-k8s with this many processes")
+    ap.add_argument("--skip-ours-1worker", action="store_true", help="do not run mnist-k8s limited to one process")
     ap.add_argument("--skip-h11", action="store_true", help="do not run the reference on h11 + asyncio")
     ap.add_argument("--skip-ref-1thread", action="store_true",
                     help="do not run the reference variant limited to one torch thread")
@@ -348,12 +354,15 @@ def main(argv=None):
         from mnist_k8s.serving import publish_untrained
         publish_untrained(tmp / "models")
 
-        def ours(workers):
+        from mnist_k8s.config import default_workers
+        default = default_workers()
+        def ours(workers=None):
             port = free_port()
             code = "import sys; from mnist_k8s.cli import main; sys.exit(main(sys.argv[1:]))"
-            return Service(f"mnist-k8s ({workers} worker{'s' * (workers > 1)})",
+            n = workers or default
+            return Service(f"mnist-k8s ({'default: ' if workers is None else ''}{n} process{'es' * (n > 1)})",
                            [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
-                            "--workers", str(workers), "--model-dir", str(tmp / "models")],
+                            *(["--workers", str(workers)] if workers else []), "--model-dir", str(tmp / "models")],
                            "/readyz", port, env={"MNIST_K8S_LOG_LEVEL": "warning"})
         def reference(stack, threads=None):
             port = free_port()
@@ -364,8 +373,9 @@ def main(argv=None):
 
         services = ([] if a.skip_h11 else [reference("h11")]) + [reference("auto")]
         if not a.skip_ref_1thread: services.append(reference("auto", threads=1))
-        services.append(ours(1))
-        if a.ours_workers > 1: services.append(ours(a.ours_workers))
+        services.append(ours())
+        if default > 1 and not a.skip_ours_1worker: services.append(ours(1))
+        if a.ours_workers and a.ours_workers not in (1, default): services.append(ours(a.ours_workers))
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
         results = measure(services, conns, a.duration, a.rounds, body, body_file, lua)
@@ -385,12 +395,12 @@ def main(argv=None):
 
 def report(results: dict, conns: list[int]):
     names = list(results)
-    cols = ["service", "cold start s", "RSS MiB", "peak MiB"]
+    cols = ["service", "cold start s", "RSS MiB", "PSS MiB", "peak RSS MiB"]
     for c in conns: cols += [f"req/s @{c}", f"p50 ms @{c}", f"p99 ms @{c}", f"CPU ms/req @{c}", f"err @{c}"]
     rows = []
     for n in names:
         r = results[n]
-        row = [n, f"{r['cold_start']:.2f}", f"{r['rss']:.0f}", f"{r['peak_rss']:.0f}"]
+        row = [n, f"{r['cold_start']:.2f}", f"{r['rss']:.0f}", f"{r['pss']:.0f}", f"{r['peak_rss']:.0f}"]
         for c in conns:
             x = r[c]
             row += [f"{x['rps']:.0f}", f"{x['p50']:.2f}", f"{x['p99']:.2f}", f"{x['cpu_ms']:.2f}",

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import struct
 import tempfile
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,7 +32,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from python_multipart import MultipartParser
 from python_multipart.multipart import MultipartState, parse_options_header
 from pydantic import BaseModel, Field
@@ -37,14 +40,14 @@ from starlette.requests import ClientDisconnect
 
 from . import preprocess as pp
 from . import store
-from .config import Settings, get_settings
-from .serving import BatchPredictor, ModelHolder, NoModel, Prediction
+from .config import Settings, default_workers, get_settings
+from .serving import BatchPredictor, ModelHolder, NoModel, Prediction, inference_threads
 
 # %% auto #0
-__all__ = ['log', 'PKG', 'BODY_TIMEOUT', 'CSP', 'SECURITY_HEADERS', 'INLINE_BYTES', 'INLINE_PIXELS', 'REPORT_HEADERS',
+__all__ = ['log', 'PKG', 'BODY_TIMEOUT', 'CSP', 'SECURITY_HEADERS', 'SMALL_BYTES', 'SMALL_PIXELS', 'REPORT_HEADERS',
            'MAX_HEAD_BYTES', 'ApiError', 'error_response', 'Part', 'parse_multipart', 'Metrics', 'EdgeMiddleware',
            'cheap_image', 'Service', 'ErrorBody', 'PredictionBody', 'BatchPrediction', 'BatchError', 'Readiness',
-           'finite', 'render_report', 'format_time', 'create_app', 'serve']
+           'finite', 'render_report', 'format_time', 'App', 'create_app', 'serve']
 
 # %% ../nbs/08_app.ipynb #16b50521
 log = logging.getLogger("mnist_k8s.app")
@@ -232,14 +235,14 @@ def _api_error_response(e: ApiError, metrics: Metrics) -> JSONResponse:
     return error_response(e.kind, e.status, e.detail, headers)
 
 # %% ../nbs/08_app.ipynb #929f580d
-INLINE_BYTES, INLINE_PIXELS = 64 * 1024, 512 * 512
+SMALL_BYTES, SMALL_PIXELS = 64 * 1024, 512 * 512   # prepared on the inference thread: 2.7 ms at most
 _PNG = b"\x89PNG\r\n\x1a\n"
 
 def cheap_image(data: bytes) -> bool:
-    "Whether `data` is a small PNG whose header promises at most `INLINE_PIXELS` (so decoding it is cheap)."
-    if len(data) > INLINE_BYTES or len(data) < 24 or data[:8] != _PNG or data[12:16] != b"IHDR": return False
+    "Whether `data` is a small PNG whose header promises at most `SMALL_PIXELS` (so decoding it is cheap)."
+    if len(data) > SMALL_BYTES or len(data) < 24 or data[:8] != _PNG or data[12:16] != b"IHDR": return False
     w, h = struct.unpack(">II", data[16:24])
-    return w * h <= INLINE_PIXELS
+    return w * h <= SMALL_PIXELS
 
 class Service:
     "Everything one app instance serves with."
@@ -248,16 +251,17 @@ class Service:
         self.metrics = Metrics()
         self.holder = ModelHolder(settings.model_dir, on_event=self.metrics.model_event)
         self.predictor = BatchPredictor(self.holder, max_batch=max(32, settings.max_batch_files),
-                                        threads=settings.torch_threads, on_batch=self.metrics.batch)
+                                        threads=inference_threads(settings.torch_threads, workers=default_workers(settings.workers)),
+                                        on_batch=self.metrics.batch)
         self.limits = dict(max_pixels=settings.max_image_pixels, max_aspect_ratio=settings.max_aspect_ratio)
         self.shutting_down = False
         self._report: tuple[str, bytes] | None = None
 
-    async def prepare(self, data: bytes) -> np.ndarray:
-        "Validated, MNIST-style 28x28 float image; `ApiError` for bad input."
-        try:
-            if cheap_image(data): return pp.preprocess(data, **self.limits)
-            return await asyncio.to_thread(pp.preprocess, data, **self.limits)
+    async def prepare(self, data: bytes) -> np.ndarray | Callable[[], np.ndarray]:
+        """The model's input for uploaded bytes: a small PNG as a function for the inference thread to call (the
+        cheapest place to prepare it); anything else preprocessed in a worker thread. `ApiError` for bad input."""
+        if cheap_image(data): return functools.partial(pp.preprocess, data, **self.limits)
+        try: return await asyncio.to_thread(pp.preprocess, data, **self.limits)
         except pp.ImageError as e: raise _image_error(e) from e
 
     async def handle_predict(self, request: Request) -> Response:
@@ -265,25 +269,31 @@ class Service:
         (part,) = await _uploads(request, "file", 1)
         return JSONResponse(await self.predict(part.data))
 
+    def _file_error(self, part: Part, e: ApiError) -> dict:
+        self.metrics.errors.labels(e.kind).inc()
+        return {"filename": part.filename, "error": e.kind, "detail": e.detail}
+
     async def handle_batch(self, request: Request) -> Response:
         "`POST /predict/batch`: up to `max_batch_files` images (multipart fields `files`), one answer each."
         parts = await _uploads(request, "files", self.settings.max_batch_files)
         prepared = []                              # all images first, so that they share forward passes
         for p in parts:
             try: prepared.append(await self.prepare(p.data))
-            except ApiError as e:
-                self.metrics.errors.labels(e.kind).inc()
-                prepared.append({"filename": p.filename, "error": e.kind, "detail": e.detail})
+            except ApiError as e: prepared.append(self._file_error(p, e))
         async def one(p: Part, x):
-            return x if isinstance(x, dict) else {"filename": p.filename, **(await self.infer(x))}
+            if isinstance(x, dict): return x
+            try: return {"filename": p.filename, **(await self.infer(x))}
+            except pp.ImageError as e: return self._file_error(p, _image_error(e))
         return JSONResponse(list(await asyncio.gather(*map(one, parts, prepared))))
 
     async def predict(self, data: bytes) -> dict:
         "The answer for one uploaded image."
         with self.predictor.coming(): x = await self.prepare(data)
-        return await self.infer(x)
+        try: return await self.infer(x)
+        except pp.ImageError as e: raise _image_error(e) from e
 
-    async def infer(self, x: np.ndarray) -> dict:
+    async def infer(self, x: np.ndarray | Callable[[], np.ndarray]) -> dict:
+        "The answer for one prepared image, or for a function preparing it (whose `ImageError` passes through)."
         try: r: Prediction = await self.predictor.predict(x)
         except NoModel as e: raise ApiError("no_model", 503, "no model is loaded yet; try again shortly") from e
         digit = r.digit
@@ -375,13 +385,13 @@ def finite(x):
     if isinstance(x, (list, tuple)): return [finite(v) for v in x]
     return x
 
-def _add_routes(app: FastAPI, svc: Service, templates: Jinja2Templates):
+def _add_routes(app: FastAPI, svc: Service, templates: Callable[[], Any]):
     s = svc.settings
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(request: Request):
         m = svc.holder.current
-        return templates.TemplateResponse(request, "index.html", {
+        return templates().TemplateResponse(request, "index.html", {
             "model": m.metadata if m else None, "root": request.scope.get("root_path", ""),
             "max_upload_mb": s.max_upload_bytes / 2**20, "asset_version": _asset_version()})
 
@@ -509,6 +519,21 @@ def _hook_signals(svc: Service) -> list:
     return restore
 
 # %% ../nbs/08_app.ipynb #ca8d2ea4
+class App(FastAPI):
+    "FastAPI with `EdgeMiddleware` around all of it, so that the predict routes skip the framework's layers."
+    edge: EdgeMiddleware | None = None
+
+    async def __call__(self, scope, receive, send):
+        if self.edge is not None and scope["type"] == "http": await self.edge(scope, receive, send)
+        else: await super().__call__(scope, receive, send)
+
+def _templates():
+    "The page's Jinja2 templates (made on the first request for the page: nothing else needs Jinja2)."
+    from fastapi.templating import Jinja2Templates
+    templates = Jinja2Templates(directory=PKG / "templates")
+    templates.env.filters["when"] = format_time
+    return templates
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     "The FastAPI app serving the model published in `settings.model_dir`."
     s = settings or get_settings()
@@ -534,13 +559,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 multiprocess.mark_process_dead(os.getpid())
 
     from mnist_k8s import __version__
-    app = FastAPI(title="mnist-k8s", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = App(title="mnist-k8s", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Handwritten digit recognition (MNIST) served from a Kubernetes-ready FastAPI app.")
     app.state.service = svc
-    templates = Jinja2Templates(directory=PKG / "templates")
-    templates.env.filters["when"] = format_time
     app.mount("/static", StaticFiles(directory=PKG / "static"), name="static")
-    _add_routes(app, svc, templates)
+    _add_routes(app, svc, functools.cache(_templates))
     _add_docs(app)
 
     @app.exception_handler(ApiError)
@@ -560,8 +583,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         svc.metrics.errors.labels("validation").inc()
         return error_response("validation", 422, json.loads(json.dumps(e.errors(), default=str)))
 
-    app.add_middleware(EdgeMiddleware, max_body=s.max_upload_bytes, metrics=svc.metrics,
-                       fast={"/predict": svc.handle_predict, "/predict/batch": svc.handle_batch})
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):   # answered, then re-raised for uvicorn to log
+        svc.metrics.errors.labels("internal").inc()
+        return error_response("internal", 500, "internal server error")
+
+    app.edge = EdgeMiddleware(super(App, app).__call__, max_body=s.max_upload_bytes, metrics=svc.metrics,
+                              fast={"/predict": svc.handle_predict, "/predict/batch": svc.handle_batch})
     return app
 
 # %% ../nbs/08_app.ipynb #52604a83
@@ -614,16 +642,78 @@ if _HttpTools is not None:
 def _http_protocol():
     return BoundedHttpTools if _HttpTools is not None else "h11"
 
+_fork = {"hooked": False, "active": False}
+
+def _worker_forked():
+    "First thing in a forked worker: SIGTERM and SIGINT act at once until uvicorn installs its handlers."
+    if _fork["active"]:
+        for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, signal.SIG_DFL)
+
+def _listener(host: str, port: int, reuse_port: bool) -> socket.socket:
+    "A TCP socket bound to `host:port`, not listening yet; with `reuse_port`, others may bind the port too."
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError: sock.close(); raise
+    sock.set_inheritable(True)
+    return sock
+
+class _ForkedWorkers:
+    """How uvicorn's supervisor starts a worker here (it spawns a fresh interpreter by default): fork from this
+    process, which has imported torch and the app already, and let each worker listen on a socket of its own on
+    the shared port (SO_REUSEPORT), so that the kernel spreads new connections evenly over the workers."""
+    def __init__(self, host: str, port: int, reuse_port: bool):
+        import multiprocessing
+        self.host, self.port, self.reuse_port = host, port, reuse_port
+        self._fork = multiprocessing.get_context("fork")
+
+    def Process(self, target, kwargs):          # the one call uvicorn makes, in the supervisor
+        return self._fork.Process(target=self._worker, args=(target, kwargs))
+
+    def _worker(self, started, kwargs):          # in the new worker: uvicorn's `subprocess_started(**kwargs)`
+        if self.reuse_port:
+            try: kwargs = {**kwargs, "sockets": [_listener(self.host, self.port, True)]}
+            except OSError as e: log.warning("no socket of its own (%s): sharing the supervisor's", e)
+        started(**kwargs)
+
+@contextmanager
+def _forked_workers(host: str, port: int, reuse_port: bool):
+    "uvicorn's supervisor, starting its workers with `_ForkedWorkers` for as long as the context lasts."
+    import uvicorn._subprocess as sub
+    if not _fork["hooked"]: os.register_at_fork(after_in_child=_worker_forked); _fork["hooked"] = True
+    previous, sub.spawn, _fork["active"] = sub.spawn, _ForkedWorkers(host, port, reuse_port), True
+    try: yield
+    finally: sub.spawn, _fork["active"] = previous, False
+
+def _prometheus_values():
+    "prometheus-client picks its value class when imported: pick again, now that the multiprocess setting is known."
+    from prometheus_client import values
+    values.ValueClass = values.get_value_class()
+
+def _supervise(config):
+    "What `uvicorn.run` does for several workers, with `_ForkedWorkers` starting them."
+    from uvicorn.supervisors import Multiprocess
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    try: sock = _listener(config.host, config.port, reuse_port)   # holds the port; the workers listen
+    except OSError as e:
+        log.error("cannot bind %s:%s: %s", config.host, config.port, e); raise SystemExit(3) from None
+    log.info("serving on http://%s:%d with %d processes", config.host, config.port, config.workers)
+    with sock, _forked_workers(config.host, config.port, reuse_port): Multiprocess(config, sockets=[sock]).run()
+
 def serve(settings: Settings | None = None):
     "Run the service with uvicorn (blocking); SIGTERM drains in-flight requests within `graceful_timeout`."
     import copy
     import uvicorn
     import uvicorn.config
     s = settings or get_settings()
+    s = s.model_copy(update={"workers": default_workers(s.workers)})
     _export_settings(s)
     metrics_dir = None
     if s.workers > 1 and not _multiprocess():
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mnist-k8s-metrics-")
+    _prometheus_values()
     # the package's own messages (model loaded, version refused, ...) go through uvicorn's log handler too
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["mnist_k8s"] = {"handlers": ["default"], "level": s.log_level.upper(), "propagate": False}
@@ -631,13 +721,19 @@ def serve(settings: Settings | None = None):
     log_config["loggers"]["python_multipart"] = {"handlers": ["default"], "level": "ERROR", "propagate": False}
     # uvicorn re-raises SIGTERM after its graceful shutdown; a drained, clean stop should exit 0, not 143
     previous = signal.signal(signal.SIGTERM, lambda *_: log.info("stopped after SIGTERM"))
+    # everything imported so far lives as long as the process: the collector never needs to scan it again, and
+    # forked workers keep sharing its memory pages (the CLI turns the collector off while it imports)
+    gc.freeze(); gc.enable()
+    config = dict(factory=True, host=s.host, port=s.port, workers=s.workers, log_level=s.log_level,
+                  log_config=log_config, access_log=s.log_level == "debug", timeout_graceful_shutdown=s.graceful_timeout,
+                  proxy_headers=True, server_header=False, http=_http_protocol(),
+                  h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     try:
-        uvicorn.run("mnist_k8s.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
-                    log_level=s.log_level, log_config=log_config, access_log=s.log_level == "debug",
-                    timeout_graceful_shutdown=s.graceful_timeout, proxy_headers=True, server_header=False,
-                    http=_http_protocol(), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+        if s.workers == 1: uvicorn.run("mnist_k8s.app:create_app", **config)
+        else: _supervise(uvicorn.Config("mnist_k8s.app:create_app", **config))
     finally:
         signal.signal(signal.SIGTERM, previous)
         if metrics_dir:
             import shutil
             shutil.rmtree(metrics_dir, ignore_errors=True); os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            _prometheus_values()

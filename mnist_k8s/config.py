@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['Settings', 'get_settings', 'cpu_quota', 'default_threads']
+__all__ = ['MAX_DEFAULT_WORKERS', 'Settings', 'get_settings', 'cpu_quota', 'default_threads', 'default_workers']
 
 # %% ../nbs/00_config.ipynb #d452b5c7
 _REPO = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # --- serving ---
     host: str = Field("127.0.0.1", description="Address uvicorn binds (0.0.0.0 in a container)")
     port: int = Field(8000, ge=1, le=65535, description="Port uvicorn listens on")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    workers: int | None = Field(None, ge=1, description="Server processes (default: one per CPU of the quota, at most 4)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     max_image_pixels: int = Field(25_000_000, ge=784, description="Largest accepted width x height")
@@ -84,3 +84,10 @@ def default_threads(configured: int | None = None, root: Path | str = "/sys/fs/c
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cpu_quota(root)
     return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+# %% ../nbs/00_config.ipynb #cd1a9cdc
+MAX_DEFAULT_WORKERS = 4
+
+def default_workers(configured: int | None = None, root: Path | str = "/sys/fs/cgroup") -> int:
+    "Server processes: `configured` if given, else one per CPU of the quota (or usable core), at most 4."
+    return configured or min(default_threads(None, root), MAX_DEFAULT_WORKERS)

@@ -201,9 +201,9 @@ def _native_bf16() -> bool:
     except ImportError: return False
     return cpu_has_bf16()
 
-def inference_threads(configured: int | None = None, root: Path | str = "/sys/fs/cgroup") -> int:
-    "Torch threads for inference: `configured`, else the CPU quota minus one core for the event loop (at least 1)."
-    return configured or max(1, default_threads(None, root) - 1)
+def inference_threads(configured: int | None = None, root: Path | str = "/sys/fs/cgroup", workers: int = 1) -> int:
+    "Torch threads per server process: `configured`, else its share of the CPU quota less a core for its event loop."
+    return configured or max(1, default_threads(None, root) // max(1, workers) - 1)
 
 # %% ../nbs/07_serving.ipynb #906d930b
 class BatchPredictor:
@@ -236,14 +236,14 @@ class BatchPredictor:
         try: yield
         finally: self.incoming -= 1
 
-    async def predict(self, image: np.ndarray) -> Prediction:
-        "Probabilities for one 28x28 float image in [0, 1] (white ink on black)."
+    async def predict(self, image: np.ndarray | Callable[[], np.ndarray]) -> Prediction:
+        "Probabilities for one 28x28 float image in [0, 1] (white ink on black), or for what `image()` returns."
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._q.put((image, fut, loop, time.perf_counter()))
         return await fut
 
-    def predict_sync(self, image: np.ndarray, timeout: float | None = 30) -> Prediction:
+    def predict_sync(self, image: np.ndarray | Callable[[], np.ndarray], timeout: float | None = 30) -> Prediction:
         "`predict` for callers without an event loop (tests, scripts)."
         from concurrent.futures import Future
         fut = Future()
@@ -268,6 +268,8 @@ class BatchPredictor:
             self._process(batch)
 
     def _process(self, batch):
+        if any(callable(b[0]) for b in batch): batch = self._prepare(batch)
+        if not batch: return
         model = self.holder.current                # one model for the whole batch
         t0 = time.perf_counter()
         try:
@@ -290,6 +292,19 @@ class BatchPredictor:
         for loop, pairs in by_loop.items():
             try: loop.call_soon_threadsafe(_settle_all, pairs)
             except RuntimeError: pass               # that loop is closed: nobody is waiting any more
+
+    def _prepare(self, batch):
+        "The batch with its images made; a request whose image cannot be made gets that exception, and leaves."
+        ready = []
+        for b in batch:
+            if not callable(b[0]): ready.append(b); continue
+            try: ready.append((b[0](), *b[1:]))
+            except Exception as e:
+                if b[2] is None: _settle(b[1], e)
+                else:
+                    try: b[2].call_soon_threadsafe(_settle, b[1], e)
+                    except RuntimeError: pass   # that loop is closed: nobody is waiting any more
+        return ready
 
 def _settle(fut, r):
     if fut.done(): return                           # cancelled (client went away)

@@ -505,16 +505,18 @@ def test_ports_and_probes_match_the_app(overlay):
     assert {"/healthz", "/readyz", "/predict"} <= routes, sorted(r for r in routes if r)
 
 
-def test_torch_threads_follow_the_cpu_limit():
-    "MNIST_K8S_TORCH_THREADS is the container's own CPU limit, rounded up by the downward API."
+def test_threads_and_processes_follow_the_cpu_limit():
+    """The training Job's MNIST_K8S_TORCH_THREADS and the server's MNIST_K8S_WORKERS are the container's own CPU
+    limit, rounded up by the downward API."""
     from mnist_k8s.config import Settings
     for overlay in OVERLAYS:
         for w in workloads(rendered(overlay)):
             c = container(w)
-            ref = env_map(c)["MNIST_K8S_TORCH_THREADS"]["valueFrom"]["resourceFieldRef"]
+            field = "torch_threads" if w["kind"] == "Job" else "workers"
+            ref = env_map(c)[f"MNIST_K8S_{field.upper()}"]["valueFrom"]["resourceFieldRef"]
             assert (ref["containerName"], ref["resource"], str(ref["divisor"])) == (c["name"], "limits.cpu", "1")
-            threads = downward_cpu(c["resources"]["limits"]["cpu"], ref["divisor"])
-            assert threads >= 1 and Settings(_env_file=None, torch_threads=threads).torch_threads == threads
+            n = downward_cpu(c["resources"]["limits"]["cpu"], ref["divisor"])
+            assert n >= 1 and getattr(Settings(_env_file=None, **{field: n}), field) == n
     assert downward_cpu("500m") == 1 and downward_cpu("1500m") == 2 and downward_cpu("2") == 2
 
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -290,3 +291,45 @@ def test_two_workers_share_the_port_and_metrics(trained, tmp_path):
                     if line.startswith("mnist_predictions_total{"))
         assert total == 20, total    # both workers' counts, aggregated
         assert f'version="{v}"' in metrics
+
+
+def _workers(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _listening(pid: int, port: int) -> set[int]:
+    "Inodes of the sockets `pid` has open that listen on TCP `port`."
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port: listening.add(int(f[9]))
+    fds = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try: target = os.readlink(fd)
+        except OSError: continue
+        if target.startswith("socket:["): fds.add(int(target[8:-1]))
+    return fds & listening
+
+
+def test_workers_are_forked_replaced_and_stopped(trained, tmp_path):
+    v = copy_version(trained, tmp_path)
+    with Server(tmp_path, workers=2) as s:
+        wait_for(lambda: s.version() == v and len(_workers(s.proc.pid)) == 2)
+        first = _workers(s.proc.pid)
+        parent_cmd = Path(f"/proc/{s.proc.pid}/cmdline").read_bytes()
+        for pid in first:    # forked from the server (same command line), not spawned interpreters
+            assert Path(f"/proc/{pid}/cmdline").read_bytes() == parent_cmd
+        # each worker listens on a socket of its own (SO_REUSEPORT: the kernel spreads connections over them)
+        own = [_listening(pid, s.port) for pid in first]
+        assert all(len(o) == 1 for o in own) and own[0] != own[1], own
+        assert not _listening(s.proc.pid, s.port)
+        os.kill(first[0], signal.SIGKILL)    # a worker dies: the supervisor forks a replacement
+        wait_for(lambda: len(kids := _workers(s.proc.pid)) == 2 and first[0] not in kids, timeout=30)
+        replacement = next(pid for pid in _workers(s.proc.pid) if pid not in first)
+        assert Path(f"/proc/{replacement}/cmdline").read_bytes() == parent_cmd
+        rs = [s.post("/predict", files=png_file(d)) for d, _ in mnist_test_digits(10)]
+        assert all(r.status_code == 200 and r.json()["version"] == v for r in rs), [r.text for r in rs]
+        workers = _workers(s.proc.pid)
+        assert s.stop() == 0                 # SIGTERM: the workers drain and exit, then the server exits 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
