@@ -268,8 +268,22 @@ class BatchPredictor:
             self._process(batch)
 
     def _process(self, batch):
-        if any(callable(b[0]) for b in batch): batch = self._prepare(batch)
-        if not batch: return
+        done = []                                  # (request, result or exception)
+        if any(callable(b[0]) for b in batch): batch, done = self._prepare(batch)
+        if batch: done += zip(batch, self._forward(batch))
+        _deliver(done)
+
+    def _prepare(self, batch):
+        "Make the images still to be made: the requests ready for the forward pass, and those whose image failed."
+        ready, failed = [], []
+        for b in batch:
+            if not callable(b[0]): ready.append(b); continue
+            try: ready.append((b[0](), *b[1:]))
+            except Exception as e: failed.append((b, e))
+        return ready, failed
+
+    def _forward(self, batch) -> list:
+        "One forward pass for the whole batch: a `Prediction` per request, or the exception for all of them."
         model = self.holder.current                # one model for the whole batch
         t0 = time.perf_counter()
         try:
@@ -285,26 +299,17 @@ class BatchPredictor:
         if self.on_batch and model is not None:
             try: self.on_batch(len(batch), time.perf_counter() - t0)
             except Exception: log.exception("batch hook failed")
-        by_loop: dict[Any, list] = {}
-        for b, r in zip(batch, results):
-            if b[2] is None: _settle(b[1], r)
-            else: by_loop.setdefault(b[2], []).append((b[1], r))
-        for loop, pairs in by_loop.items():
-            try: loop.call_soon_threadsafe(_settle_all, pairs)
-            except RuntimeError: pass               # that loop is closed: nobody is waiting any more
+        return results
 
-    def _prepare(self, batch):
-        "The batch with its images made; a request whose image cannot be made gets that exception, and leaves."
-        ready = []
-        for b in batch:
-            if not callable(b[0]): ready.append(b); continue
-            try: ready.append((b[0](), *b[1:]))
-            except Exception as e:
-                if b[2] is None: _settle(b[1], e)
-                else:
-                    try: b[2].call_soon_threadsafe(_settle, b[1], e)
-                    except RuntimeError: pass   # that loop is closed: nobody is waiting any more
-        return ready
+def _deliver(done):
+    "Settle each request's future with its result: directly, or in one call per event loop."
+    by_loop: dict[Any, list] = {}
+    for b, r in done:
+        if b[2] is None: _settle(b[1], r)
+        else: by_loop.setdefault(b[2], []).append((b[1], r))
+    for loop, pairs in by_loop.items():
+        try: loop.call_soon_threadsafe(_settle_all, pairs)
+        except RuntimeError: pass                   # that loop is closed: nobody is waiting any more
 
 def _settle(fut, r):
     if fut.done(): return                           # cancelled (client went away)
