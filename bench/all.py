@@ -66,7 +66,7 @@ def run_hot_reload(n: int) -> dict:
     """Serve a model store with `mnist-k8s serve` (default settings), publish `n` new versions one after the
     other, and time each from the moment `latest` switches until `GET /model` reports the new version."""
     import json
-    from mnist_k8s.serving import publish_untrained
+    publish_untrained = serve_bench.publish_untrained
     tmp = Path(tempfile.mkdtemp(prefix="mnist-k8s-reload-"))
     port = serve_bench.free_port()
     svc = serve_bench.Service("mnist-k8s", [sys.executable, "-c", CLI, "serve", "--host", "127.0.0.1", "--port",

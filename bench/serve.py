@@ -4,6 +4,8 @@
     python bench/serve.py                      # 1, 16 and 64 connections, 5 s each, 3 rounds
     python bench/serve.py --duration 3 --conns 1,16
     python bench/serve.py --ours-workers 3     # also try mnist-k8s with three server processes
+    python bench/serve.py --alternatives       # also the process models mnist-k8s did not pick
+    python bench/serve.py --frameworks         # also BentoML and LitServe (pip install -e ".[bench]")
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
 tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
@@ -16,10 +18,25 @@ whenever another process takes a core (an OpenMP barrier waits for a descheduled
 machine makes it look far worse than it is at its best.
 
 mnist-k8s runs through its CLI (`mnist-k8s serve`) as it is deployed: with its default number of server
-processes (one per CPU of the quota, forked after the imports), and once more limited to one process (unless
-that is the default already, or --skip-ours-1worker), with a freshly initialised model of the real
-architecture published into a temporary model store (an untrained net costs the same as a trained one), and
-the real preprocessing (`mnist_k8s.preprocess`).
+processes (one per CPU of the quota: gunicorn's arbiter forking uvicorn workers from the app it built), and
+once more limited to one process (a plain uvicorn process, as in the cluster; unless that is the default
+already, or --skip-ours-1worker), with a freshly initialised model of the real architecture published into
+a temporary model store (an untrained net costs the same as a trained one), and the real preprocessing
+(`mnist_k8s.preprocess`).
+
+`--alternatives` adds the process models `mnist_k8s.server` did not pick, serving the same app with the same
+number of processes: uvicorn's own `--workers` (a supervisor that spawns fresh interpreters, each importing
+torch again; settings from the environment; one listening socket shared by the workers), and gunicorn with
+uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11 (faster, but with no bound on
+the request head: the price of the head limit).
+
+`--frameworks` adds what users would pick instead, serving this project's model (the same published
+version, loaded by `mnist_k8s.serving.ModelHolder`) and preprocessing (`mnist_k8s.preprocess`): BentoML
+1.4 (a `@bentoml.service` with as many workers as mnist-k8s has processes) and LitServe 0.2 (a `LitAPI`
+with dynamic batching). They are the optional extra `bench` (`pip install -e ".[bench]"`); if their pins
+conflict with the project's, install them in a separate venv that sees the project
+(`python -m venv --system-site-packages /tmp/benchvenv`) and pass `--frameworks-python
+/tmp/benchvenv/bin/python`. A framework that is not installed is skipped with a message.
 
 Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
 as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
@@ -35,6 +52,7 @@ on a thread pool.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -87,6 +105,56 @@ REFERENCE = textwrap.dedent('''
         port, stack = int(sys.argv[1]), sys.argv[2]
         kw = {"http": "h11", "loop": "asyncio"} if stack == "h11" else {}
         uvicorn.run(app, host="127.0.0.1", port=port, **kw)
+''')
+
+BENTOML = textwrap.dedent('''
+    """This project's model and preprocessing served by BentoML (the benchmark's comparison)."""
+    from pathlib import Path
+    import bentoml, torch
+    from mnist_k8s import preprocess
+    from mnist_k8s.serving import ModelHolder
+
+    @bentoml.service(workers={workers}, threads=1, resources={{"cpu": "{workers}"}})
+    class Digits:
+        def __init__(self):
+            torch.set_num_threads(1)
+            self.holder = ModelHolder("{model_dir}"); self.holder.check()
+
+        @bentoml.api
+        def predict(self, file: Path) -> dict:
+            x = torch.from_numpy(preprocess.preprocess(file.read_bytes())).view(1, 1, 28, 28)
+            with torch.inference_mode():
+                p = torch.softmax(self.holder.current.net(x), 1)[0]
+            return {{"digit": int(p.argmax()), "probabilities": p.tolist()}}
+''')
+
+LITSERVE = textwrap.dedent('''
+    """This project's model and preprocessing served by LitServe with dynamic batching (the benchmark's comparison)."""
+    import sys
+    import litserve as ls, numpy as np, torch
+    from mnist_k8s import preprocess
+    from mnist_k8s.serving import ModelHolder
+
+    class Digits(ls.LitAPI):
+        def setup(self, device):
+            torch.set_num_threads(1)
+            self.holder = ModelHolder("{model_dir}"); self.holder.check()
+
+        def decode_request(self, request):           # the multipart form, parsed by LitServe
+            return preprocess.preprocess(request["file"].file.read())
+
+        def batch(self, inputs): return torch.from_numpy(np.stack(inputs)).view(-1, 1, 28, 28)
+
+        def predict(self, x):
+            with torch.inference_mode(): return torch.softmax(self.holder.current.net(x), 1)
+
+        def unbatch(self, output): return list(output)
+
+        def encode_response(self, p): return {{"digit": int(p.argmax()), "probabilities": p.tolist()}}
+
+    if __name__ == "__main__":
+        ls.LitServer(Digits(max_batch_size=16, batch_timeout=0.005), accelerator="cpu",
+                     workers_per_device={workers}).run(port=int(sys.argv[1]), log_level="warning")
 ''')
 
 WRK_LUA = textwrap.dedent('''
@@ -158,27 +226,30 @@ def multipart(png: bytes) -> bytes:
     return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
             f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
 
+def family(pid: int) -> list[int]:
+    "`pid` and all its descendants (workers, and the workers' own children)."
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(); out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+        except OSError: pass
+    return out
+
 def cpu_seconds(pid: int) -> float:
-    "CPU time (user + system) used so far by `pid` and its children (workers)."
-    pids, total = [pid], 0.0
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-    except OSError: pass
-    for p in pids:
+    "CPU time (user + system) used so far by `pid` and its descendants (workers)."
+    total = 0.0
+    for p in family(pid):
         try: fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError: continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 def rss_mb(pid: int) -> tuple[float, float, float]:
-    "Resident, peak resident and proportional (PSS) MiB of `pid` and its children."
-    pids, cur, peak, pss = [pid], 0.0, 0.0, 0.0
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            pids += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-    except OSError: pass
-    for p in pids:
+    "Resident, peak resident and proportional (PSS) MiB of `pid` and its descendants."
+    cur, peak, pss = 0.0, 0.0, 0.0
+    for p in family(pid):
         try: status, rollup = Path(f"/proc/{p}/status").read_text(), Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError: continue
         cur += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
@@ -187,9 +258,19 @@ def rss_mb(pid: int) -> tuple[float, float, float]:
     return cur, peak, pss
 
 
+def publish_untrained(model_dir: Path, seed: int = 0) -> str:
+    "Publish a freshly initialised network of the real architecture (it costs the same to run as a trained one)."
+    import torch
+    from mnist_k8s import store
+    from mnist_k8s.model import build_model
+    torch.manual_seed(seed)
+    return store.publish(model_dir, build_model().state_dict(), {"arch": {}, "untrained": True})
+
+
 class Service:
-    def __init__(self, name: str, cmd: list[str], ready_path: str, port: int, env: dict | None = None):
-        self.name, self.cmd, self.ready_path, self.port, self.env = name, cmd, ready_path, port, env
+    def __init__(self, name: str, cmd: list[str], ready_path: str, port: int, env: dict | None = None,
+                 cwd: Path | None = None):
+        self.name, self.cmd, self.ready_path, self.port, self.env, self.cwd = name, cmd, ready_path, port, env, cwd
         self.proc: subprocess.Popen | None = None
         self.cold_start = float("nan")
 
@@ -197,7 +278,7 @@ class Service:
         t0 = time.perf_counter()
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(self.env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd)
         url = f"http://127.0.0.1:{self.port}{self.ready_path}"
         while time.perf_counter() - t0 < timeout:
             if self.proc.poll() is not None: break
@@ -210,11 +291,15 @@ class Service:
         raise RuntimeError(f"{self.name} did not become ready:\n{self.log.read().decode(errors='replace')[-3000:]}")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        "SIGTERM, then whatever is left of its process group (workers a framework left behind) is killed."
+        if self.proc is None: return
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try: self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+            except subprocess.TimeoutExpired: pass
+        try: os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+        self.proc.wait()
 
 
 def run_load(url: str, conns: int, duration: float, body_file: Path, lua: Path) -> dict:
@@ -329,6 +414,46 @@ def inference_strategies(model_dir: Path, duration: float, conns: list[int]) -> 
     return rows
 
 
+def _app_env(tmp: Path) -> dict:
+    "The environment of a process model that reads its settings from it (and counts metrics across processes)."
+    metrics = tmp / f"metrics-{free_port()}"; metrics.mkdir()
+    return {"MNIST_K8S_MODEL_DIR": str(tmp / "models"), "MNIST_K8S_LOG_LEVEL": "warning",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+
+def alternatives(tmp: Path, workers: int) -> list[Service]:
+    "The same app under the process models `mnist_k8s.server` did not pick, with `workers` processes."
+    out = []
+    port = free_port()
+    out.append(Service(f"alternative: uvicorn --workers {workers} (spawned)",
+                       [sys.executable, "-m", "uvicorn", "mnist_k8s.api:create_app", "--factory", "--workers",
+                        str(workers), "--host", "127.0.0.1", "--port", str(port), "--http", "h11",
+                        "--h11-max-incomplete-event-size", "65536", "--no-server-header", "--log-level", "warning"],
+                       "/readyz", port, env=_app_env(tmp)))
+    port = free_port()
+    out.append(Service(f"alternative: gunicorn -w {workers}, uvicorn-worker on httptools",
+                       [sys.executable, "-m", "gunicorn", "mnist_k8s.api:create_app()", "-w", str(workers),
+                        "--preload", "--reuse-port", "-k", "uvicorn_worker.UvicornWorker", "-b", f"127.0.0.1:{port}",
+                        "--log-level", "warning"], "/readyz", port, env=_app_env(tmp)))
+    return out
+
+def frameworks(tmp: Path, workers: int, python: str) -> list[Service]:
+    "BentoML and LitServe serving this project's model and preprocessing; each skipped if not installed."
+    out = []
+    for name, module, source, ready in [("BentoML", "bentoml", BENTOML, "/readyz"), ("LitServe", "litserve", LITSERVE, "/health")]:
+        probe = subprocess.run([python, "-c", f"import {module}; print({module}.__version__)"], capture_output=True, text=True)
+        if probe.returncode:
+            print(f"{name} skipped: `import {module}` fails with {python} (pip install -e '.[bench]')", flush=True)
+            continue
+        port, version = free_port(), probe.stdout.strip()
+        (script := tmp / f"{module}_service.py").write_text(source.format(workers=workers, model_dir=tmp / "models"))
+        cmd = ([python, "-m", "bentoml", "serve", f"{module}_service:Digits", "--port", str(port), "--host", "127.0.0.1"]
+               if module == "bentoml" else [python, str(script), str(port)])
+        out.append(Service(f"{name} {version} ({workers} workers{', batching' if module == 'litserve' else ''})",
+                           cmd, ready, port, env={"PYTHONPATH": str(tmp), "BENTOML_HOME": str(tmp / "bentoml")},
+                           cwd=tmp))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per load level and round (default 5)")
@@ -340,6 +465,12 @@ def main(argv=None):
     ap.add_argument("--skip-ref-1thread", action="store_true",
                     help="do not run the reference variant limited to one torch thread")
     ap.add_argument("--skip-strategies", action="store_true", help="skip the in-process inference comparison")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also the process models not picked: uvicorn --workers, gunicorn on httptools")
+    ap.add_argument("--frameworks", action="store_true", help="also BentoML and LitServe (extra `bench`)")
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    ap.add_argument("--frameworks-python", default=sys.executable,
+                    help="the Python that has BentoML and LitServe installed (default: this one)")
     ap.add_argument("--data-root", type=Path, default=REPO / "tests" / "data", help="folder holding MNIST/raw")
     a = ap.parse_args(argv)
     conns = [int(c) for c in a.conns.split(",")]
@@ -351,7 +482,6 @@ def main(argv=None):
         (body_file := tmp / "body.bin").write_bytes(body)
         (lua := tmp / "post.lua").write_text(WRK_LUA.format(body=body_file, boundary=BOUNDARY))
         (tmp / "reference.py").write_text(REFERENCE.replace("{bench}", str(Path(__file__).resolve().parent)))
-        from mnist_k8s.serving import publish_untrained
         publish_untrained(tmp / "models")
 
         from mnist_k8s.config import default_workers
@@ -376,10 +506,19 @@ def main(argv=None):
         services.append(ours())
         if default > 1 and not a.skip_ours_1worker: services.append(ours(1))
         if a.ours_workers and a.ours_workers not in (1, default): services.append(ours(a.ours_workers))
+        if a.alternatives: services += alternatives(tmp, default)
+        if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
         results = measure(services, conns, a.duration, a.rounds, body, body_file, lua)
-        report(results, conns)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf): report(results, conns)
+        print(buf.getvalue(), end="")
+        if a.markdown:
+            a.markdown.parent.mkdir(parents=True, exist_ok=True)
+            a.markdown.write_text(f"Output of `python bench/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+                                  f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+                                  f"{a.duration:g} s per level, medians of {a.rounds} rounds):\n{buf.getvalue()}")
         if not a.skip_strategies:
             from mnist_k8s.serving import inference_threads
             from mnist_k8s.serving import _native_bf16
@@ -411,8 +550,10 @@ def report(results: dict, conns: list[int]):
     print("|" + "|".join("---" for _ in cols) + "|")
     for row in rows: print("| " + " | ".join(row) + " |")
     refs = [n for n in names if n.startswith("reference")]
-    for o in [n for n in names if n.startswith("mnist-k8s")]:
-        for ref in refs:
+    ours = [n for n in names if n.startswith("mnist-k8s")]
+    others = [n for n in names if n not in refs and n not in ours]      # alternatives and frameworks
+    for o in ours:
+        for ref in refs + (others if "default" in o else []):
             parts = [f"cold start {results[o]['cold_start'] / results[ref]['cold_start']:.2f}x"]
             for c in conns:
                 parts.append(f"@{c}: {results[o][c]['rps'] / results[ref][c]['rps']:.2f}x req/s, "

@@ -4,10 +4,20 @@
 # (Skaffold does this for you: see skaffold.yaml.)
 #
 # The base image is pinned by tag and digest (the multi-platform index of python:3.11-slim-bookworm).
-# Let Renovate or Dependabot refresh the digest; both stages must use the same one, because the virtual
-# environment built in the first stage points at that interpreter.
+# Let Renovate or Dependabot refresh the digest; every stage must use the same one, because the virtual
+# environment built in the build stage points at that interpreter.
 
-# ---- build stage: a virtual environment with CPU-only torch and the package -------------------------
+# ---- requirements stage: the dependency list, from settings.ini alone --------------------------------
+# settings.ini is the one list of dependencies (setup.py reads the same keys). Writing it out in a stage of
+# its own means the build stage below copies only the generated file: BuildKit reuses the cached install
+# layers as long as the list itself is unchanged, whatever else changes in settings.ini (a version bump).
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS requirements
+WORKDIR /req
+COPY settings.ini ./
+# The base `requirements` only: no Jupyter, papermill or matplotlib.
+RUN python -c "import configparser, sys; c = configparser.ConfigParser(interpolation=None); c.read('settings.ini'); print('\n'.join(r for key in sys.argv[1:] for r in c['DEFAULT'][key].split()))" requirements > requirements.txt
+
+# ---- build stage: a virtual environment with CPU-only torch, the dependencies, then the package ---------
 FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -22,12 +32,17 @@ RUN python -m venv /opt/venv
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1
 
+# Every dependency before any source is copied: editing the code reuses these layers.
+COPY --from=requirements /req/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+
 WORKDIR /src
-COPY setup.py settings.ini pyproject.toml MANIFEST.in README.md ./
+COPY setup.py settings.ini pyproject.toml MANIFEST.in README.md LICENSE ./
 COPY mnist_k8s/ mnist_k8s/
-# The base requirements only (templates and static files come along as package data, see MANIFEST.in).
-# pip byte-compiles everything here, so the read-only root filesystem at run time costs nothing at import.
-RUN pip install . \
+# The package alone (its dependencies are all installed above; `pip check` proves the list was complete).
+# Templates and static files come along as package data (MANIFEST.in). pip byte-compiles everything, so
+# the read-only root filesystem at run time costs nothing at import.
+RUN pip install --no-deps . \
  && pip check
 
 # ---- run stage: the venv and a non-root user; no compilers, no pip cache --------------------------------

@@ -41,14 +41,15 @@ class Settings(BaseSettings):
     test_limit: int | None = Field(None, ge=1, description="Evaluate on only this many test digits")
 
     # --- serving ---
-    host: str = Field("127.0.0.1", description="Address uvicorn binds (0.0.0.0 in a container)")
-    port: int = Field(8000, ge=1, le=65535, description="Port uvicorn listens on")
-    workers: int | None = Field(None, ge=1, description="Server processes (default: one per CPU of the quota, at most 4)")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    host: str = Field("127.0.0.1", description="Address the server binds (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on")
+    workers: int | None = Field(None, ge=1, description="Server processes (default: one per CPU of the quota, at most 4; several run under gunicorn)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Least severe log messages shown (`debug` adds an access log line per request)")
     max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     max_image_pixels: int = Field(25_000_000, ge=784, description="Largest accepted width x height")
     max_aspect_ratio: float = Field(25.0, ge=1, description="Largest accepted long side / short side")
-    max_batch_files: int = Field(32, ge=1, description="Most files in one `/predict` request")
+    max_batch_files: int = Field(32, ge=1, description="Most files in one `/predict/batch` request")
     reload_interval: float = Field(2.0, gt=0, description="Seconds between checks for a newly published model")
     torch_threads: int | None = Field(None, ge=1, description="Threads for torch (default: the CPU quota)")
     graceful_timeout: float = Field(20.0, ge=0, description="Seconds to drain in-flight requests on SIGTERM")

@@ -9,11 +9,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 # %% auto #0
-__all__ = ['MNIST_MEAN', 'MNIST_STD', 'Digits', 'balanced_subset', 'load_mnist', 'random_affine', 'Batches']
+__all__ = ['MNIST_MEAN', 'MNIST_STD', 'NON_DIGIT_CHARS', 'SKELETONS', 'Digits', 'balanced_subset', 'load_mnist', 'random_affine',
+           'random_blur', 'Batches', 'draw_strokes', 'draw_text', 'texture', 'side_by_side', 'on_paper',
+           'non_digit_fonts', 'render_non_digits']
 
 # %% ../nbs/01_data.ipynb #c86e3509
 MNIST_MEAN = 0.1307
@@ -80,6 +84,17 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None = None, shi
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
+# %% ../nbs/01_data.ipynb #40669ceb
+def random_blur(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.3,
+                sigmas: tuple[float, ...] = (0.6, 0.9, 1.3)) -> torch.Tensor:
+    "Gaussian-blur a random fraction `p` of the images of `x` `[N, C, H, W]`, split evenly over `sigmas` (pixels)."
+    from torchvision.transforms.functional import gaussian_blur
+    u = torch.rand(len(x), generator=generator)
+    for k, s in enumerate(sigmas):
+        m = (u >= p * k / len(sigmas)) & (u < p * (k + 1) / len(sigmas))
+        if m.any(): x[m] = gaussian_blur(x[m], kernel_size=7, sigma=s)
+    return x
+
 # %% ../nbs/01_data.ipynb #1f23890d
 class Batches:
     "Mini-batches `(x, y)` of `digits`: shuffled and augmented when `seed` is given, in order otherwise."
@@ -100,5 +115,136 @@ class Batches:
             idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if order is not None: idx = order[idx]
             x = self.digits.floats(idx)
-            if self.augment: x = random_affine(x, g, **(self.augment if isinstance(self.augment, dict) else {}))
+            if self.augment:
+                aug = dict(self.augment) if isinstance(self.augment, dict) else {}
+                blur = aug.pop("blur", 0)
+                x = random_affine(x, g, **aug)
+                if blur: x = random_blur(x, g, blur)
             yield x, self.digits.labels[idx]
+
+# %% ../nbs/01_data.ipynb #280d1728
+NON_DIGIT_CHARS = "ACDEFGHJKLMNPRTUVWXYacdefhjkmnprtuvwxy#%&*+<=>?@[]{}~^$€£¥§¶©®×÷±≈∞Ωπ√∑"
+
+def _arc(cx, cy, rx, ry, a0, a1, n=12):
+    return [(cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a))) for a in torch.linspace(a0, a1, n).tolist()]
+
+def _bowl(y0, y1):  # the round part of D, P and R: from (0.2, y0) to (0.2, y1) through x = 0.75
+    return [(.2, y0)] + _arc(.2, (y0 + y1) / 2, .55, (y1 - y0) / 2, -90, 90) + [(.2, y1)]
+
+# %% ../nbs/01_data.ipynb #18a38d20
+# handwriting-like skeletons: strokes of points in a unit box (x right, y down)
+SKELETONS = {
+    "A": [[(.1, 1), (.5, 0), (.9, 1)], [(.28, .62), (.72, .62)]], "C": [_arc(.55, .5, .45, .5, 45, 315, 14)],
+    "D": [[(.2, 0), (.2, 1)], _bowl(0, 1)], "E": [[(.8, 0), (.2, 0), (.2, 1), (.8, 1)], [(.2, .5), (.65, .5)]],
+    "F": [[(.8, 0), (.2, 0), (.2, 1)], [(.2, .5), (.65, .5)]],
+    "H": [[(.2, 0), (.2, 1)], [(.8, 0), (.8, 1)], [(.2, .5), (.8, .5)]],
+    "K": [[(.2, 0), (.2, 1)], [(.8, 0), (.2, .6)], [(.4, .45), (.85, 1)]], "L": [[(.2, 0), (.2, 1), (.8, 1)]],
+    "M": [[(.1, 1), (.15, 0), (.5, .6), (.85, 0), (.9, 1)]], "N": [[(.2, 1), (.2, 0), (.8, 1), (.8, 0)]],
+    "P": [[(.2, 1), (.2, 0)], _bowl(0, .5)], "R": [[(.2, 1), (.2, 0)], _bowl(0, .5), [(.4, .5), (.85, 1)]],
+    "T": [[(.1, 0), (.9, 0)], [(.5, 0), (.5, 1)]], "U": [[(.2, 0)] + _arc(.5, .7, .3, .3, 180, 0) + [(.8, 0)]],
+    "V": [[(.1, 0), (.5, 1), (.9, 0)]], "W": [[(0, 0), (.25, 1), (.5, .35), (.75, 1), (1, 0)]],
+    "X": [[(.1, 0), (.9, 1)], [(.9, 0), (.1, 1)]], "Y": [[(.1, 0), (.5, .5), (.9, 0)], [(.5, .5), (.5, 1)]],
+    "e": [[(.15, .55), (.85, .55)] + _arc(.5, .55, .35, .4, 0, -300, 16)],
+    "h": [[(.2, 0), (.2, 1)], [(.2, .65)] + _arc(.5, .65, .3, .3, 180, 360) + [(.8, 1)]],
+    "k": [[(.2, 0), (.2, 1)], [(.75, .4), (.2, .75)], [(.4, .62), (.8, 1)]],
+    "m": [[(.1, 1), (.1, .4)] + _arc(.3, .6, .2, .2, 180, 360) + [(.5, 1)], [(.5, .6)] + _arc(.7, .6, .2, .2, 180, 360) + [(.9, 1)]],
+    "n": [[(.2, 1), (.2, .4)] + _arc(.5, .65, .3, .3, 180, 360) + [(.8, 1)]],
+    "r": [[(.3, 1), (.3, .4)], [(.3, .7)] + _arc(.6, .7, .3, .3, 180, 290)],
+    "t": [[(.45, 0), (.45, .85), (.55, 1), (.75, .95)], [(.15, .35), (.8, .35)]],
+    "w": [[(0, .3), (.25, 1), (.5, .5), (.75, 1), (1, .3)]],
+    "#": [[(.35, 0), (.25, 1)], [(.75, 0), (.65, 1)], [(0, .33), (1, .33)], [(0, .67), (1, .67)]],
+    "+": [[(.5, .1), (.5, .9)], [(.1, .5), (.9, .5)]], "*": [[(.5, 0), (.5, 1)], [(.1, .25), (.9, .75)], [(.9, .25), (.1, .75)]],
+    "=": [[(.1, .35), (.9, .35)], [(.1, .65), (.9, .65)]], "?": [_arc(.5, .25, .3, .25, 180, 400) + [(.5, .65)], [(.5, .9), (.5, .95)]],
+    "%": [[(.85, 0), (.15, 1)], _arc(.2, .2, .15, .15, 0, 360), _arc(.8, .8, .15, .15, 0, 360)], "<": [[(.85, .1), (.15, .5), (.85, .9)]],
+    # shapes
+    "triangle": [[(.5, 0), (1, 1), (0, 1), (.5, 0)]], "square": [[(0, 0), (1, 0), (1, 1), (0, 1), (0, 0)]],
+    "star": [[(.5 + .5 * math.sin(math.radians(144 * k)), .5 - .5 * math.cos(math.radians(144 * k))) for k in range(6)]],
+    "arrow": [[(0, .5), (1, .5)], [(.65, .2), (1, .5), (.65, .8)]],
+    "heart": [[(.5, 1), (.05, .4)] + _arc(.28, .3, .23, .23, 180, 360) + _arc(.72, .3, .23, .23, 180, 360) + [(.95, .4), (.5, 1)]],
+    "spiral": [[(.5 + t / 1440 * math.cos(math.radians(t)), .5 + t / 1440 * math.sin(math.radians(t))) for t in range(0, 721, 30)]],
+    "zigzag": [[(k / 6, k % 2) for k in range(7)]],
+    "smiley": [_arc(.5, .5, .5, .5, 0, 360, 20), [(.35, .35), (.35, .4)], [(.65, .35), (.65, .4)], _arc(.5, .55, .25, .2, 20, 160)],
+}
+
+# %% ../nbs/01_data.ipynb #0582e18f
+def draw_strokes(strokes: list, rng: np.random.Generator, size: int = 96, jitter: float = 0.02) -> Image.Image:
+    "A handwriting-like rendering of `strokes` (unit box): warped, wobbled, drawn with a round pen, white on black."
+    a, shear, aspect = math.radians(rng.uniform(-15, 15)), rng.uniform(-.25, .25), rng.uniform(.7, 1.3)
+    m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.array([[aspect, shear], [0, 1]])
+    pts = [(np.asarray(s, float) - .5) @ m.T + rng.normal(0, jitter, (len(s), 2)) for s in strokes]
+    lo, hi = np.concatenate(pts).min(0), np.concatenate(pts).max(0)
+    scale = size * rng.uniform(.55, .8) / max(hi - lo)
+    width = max(1, round(size * rng.uniform(.04, .12)))
+    img = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(img)
+    for p in pts:
+        q = [tuple(v) for v in p * scale + size / 2 - (lo + hi) / 2 * scale]
+        d.line(q if len(q) > 1 else q * 2, fill=255, width=width, joint="curve")
+        for x, y in (q[0], q[-1]): d.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=255)
+    return img
+
+def draw_text(ch: str, font: str | Path, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    "`ch` in the TrueType `font` at a random size and slant, centred, white on black."
+    img = Image.new("L", (size, size), 0)
+    f = ImageFont.truetype(str(font), round(size * rng.uniform(.5, .8)))
+    ImageDraw.Draw(img).text((size / 2, size / 2), ch, fill=255, font=f, anchor="mm")
+    return img.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
+
+# %% ../nbs/01_data.ipynb #b339b6a9
+def texture(rng: np.random.Generator, size: int = 96) -> Image.Image:
+    "A patch of noise, stripes, checks, dots or cross-hatching."
+    yy, xx = np.mgrid[:size, :size]
+    kind = int(rng.integers(5))
+    if kind == 0: a = rng.random((size, size)) > .5
+    elif kind == 1:
+        t, period = rng.uniform(0, math.pi), rng.uniform(4, 14)
+        a = np.sin((xx * math.cos(t) + yy * math.sin(t)) / period * 2 * math.pi) > 0
+    elif kind == 2: a = (xx // (f := int(rng.integers(6, 20))) + yy // f) % 2 == 1
+    elif kind == 3:
+        a = np.zeros((size, size), bool); n = int(rng.integers(15, 80))
+        a[rng.integers(0, size, n), rng.integers(0, size, n)] = True
+        return Image.fromarray(a.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))
+    else: a = ((xx + yy) % (f := rng.uniform(5, 12)) < 2) | ((xx - yy) % f < 2)
+    return Image.fromarray(a.astype(np.uint8) * 255)
+
+def side_by_side(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    "Two 28x28 uint8 MNIST digits next to each other, with a random gap, white on black."
+    gap = int(rng.integers(0, 8))
+    img = np.zeros((36, 64 + gap), np.uint8)
+    img[4:32, 4:32] = a
+    img[4:32, 32 + gap:60 + gap] = np.maximum(img[4:32, 32 + gap:60 + gap], b)
+    return Image.fromarray(img)
+
+# %% ../nbs/01_data.ipynb #06f4a5cd
+def on_paper(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    "White-on-black `img` as dark ink on light paper (most of the time), sometimes a little blurred."
+    if rng.random() < .6:
+        paper, ink = rng.uniform(200, 255), rng.uniform(0, 80)
+        img = Image.fromarray((paper + (ink - paper) * np.asarray(img, np.float32) / 255).astype(np.uint8))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(.3, 1.2))) if rng.random() < .4 else img
+
+def non_digit_fonts() -> list[Path]:
+    "The text fonts matplotlib ships (DejaVu, STIX and Computer Modern): there wherever training runs."
+    import matplotlib
+    skip = ("cmex", "cmsy", "cmmi", "STIXSiz", "STIXNonUni", "LastResort", "Display")
+    return [p for p in sorted(Path(matplotlib.get_data_path(), "fonts", "ttf").glob("*.ttf"))
+            if not any(s in p.name for s in skip)]
+
+# %% ../nbs/01_data.ipynb #ec40499f
+def render_non_digits(n: int, seed: int, fonts: list[str | Path] | None = None, pairs_from: np.ndarray | None = None,
+                      chars: str = NON_DIGIT_CHARS) -> list[tuple[str, Image.Image]]:
+    "`n` non-digits as `(kind, image)`; kinds: font, hand, shape, texture, pair (needs `pairs_from` uint8 [N, 28, 28])."
+    rng = np.random.default_rng(seed)
+    fonts = non_digit_fonts() if fonts is None else list(fonts)
+    names, out = list(SKELETONS), []
+    while len(out) < n:
+        k = len(out) % 10
+        if k < 4 and fonts:
+            img, kind = draw_text(chars[rng.integers(len(chars))], fonts[rng.integers(len(fonts))], rng), "font"
+        elif k < 8 or (k == 9 and pairs_from is None):
+            name = names[rng.integers(len(names))]
+            img, kind = draw_strokes(SKELETONS[name], rng), "hand" if len(name) == 1 else "shape"
+        elif k == 8: img, kind = texture(rng), "texture"
+        else: img, kind = side_by_side(*pairs_from[rng.integers(len(pairs_from), size=2)], rng), "pair"
+        out.append((kind, on_paper(img, rng)))
+    return out

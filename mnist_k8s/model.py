@@ -37,8 +37,8 @@ class DigitNet(nn.Sequential):
     arch: dict
 
 def build_model(widths: list[int] | tuple[int, ...] = (32, 64, 128), pools: list[int] | tuple[int, ...] = (0, 1),
-                dropout: float = 0.0) -> DigitNet:
-    "The digit classifier: `[N, 1, 28, 28]` floats in [0, 1] -> `[N, 10]` logits (channels-last weights)."
+                dropout: float = 0.0, not_digit: bool = False) -> DigitNet:
+    "The digit classifier: `[N, 1, 28, 28]` floats in [0, 1] -> `[N, 10]` logits (`[N, 11]` with `not_digit`)."
     widths, pools = [int(w) for w in widths], sorted({int(p) for p in pools})
     if not widths or min(widths) < 1: raise ValueError(f"widths must be positive ints, got {widths}")
     if any(not 0 <= p < len(widths) for p in pools) or len(pools) > 3:
@@ -50,8 +50,8 @@ def build_model(widths: list[int] | tuple[int, ...] = (32, 64, 128), pools: list
         c_in = w
     side = 28 // 2 ** len(pools) // 2  # after the head's pool: 3 for two pools
     net = DigitNet(Normalize(), *blocks,
-                   nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * side * side, 10)))
-    net.arch = dict(widths=widths, pools=pools, dropout=float(dropout))
+                   nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * side * side, 11 if not_digit else 10)))
+    net.arch = dict(widths=widths, pools=pools, dropout=float(dropout), **({"not_digit": True} if not_digit else {}))
     return net.to(memory_format=torch.channels_last)
 
 # %% ../nbs/02_model.ipynb #3515e015

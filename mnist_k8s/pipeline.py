@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import re
+import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from . import store
 from .config import Settings, get_settings
 
 # %% auto #0
-__all__ = ['TrainingFailed', 'TrainingResult', 'strip_scripts', 'render_html', 'notebook_parameters', 'run_training']
+__all__ = ['TrainingFailed', 'PublishedRun', 'strip_scripts', 'render_html', 'notebook_parameters', 'execute', 'publish_report',
+           'run_training']
 
 # %% ../nbs/05_pipeline.ipynb #24971f30
 class TrainingFailed(RuntimeError):
@@ -28,8 +31,8 @@ class TrainingFailed(RuntimeError):
         self.report, self.ename, self.evalue = report, ename, evalue
 
 @dataclass
-class TrainingResult:
-    "A published training run."
+class PublishedRun:
+    "What `run_training` published: the version, its folder, its report and its metadata."
     version: str
     version_dir: Path
     report: Path       # report.html in the version folder
@@ -68,28 +71,29 @@ def notebook_parameters(s: Settings, version: str) -> dict[str, Any]:
                 model_dir=str(Path(s.model_dir).resolve()), limit=s.limit, test_limit=s.test_limit,
                 threads=s.torch_threads, version=version, promote=False)
 
-# %% ../nbs/05_pipeline.ipynb #6a919990
+# %% ../nbs/05_pipeline.ipynb #4479bd4a
 def _error_of(e: Exception) -> tuple[str, str]:
     "Name and value of the error a notebook raised (papermill's), or of `e` itself."
     return getattr(e, "ename", None) or type(e).__name__, str(getattr(e, "evalue", None) or e).strip()
 
-def run_training(settings: Settings | None = None, params: dict[str, Any] | None = None, *,
-                 log_output: bool = True, progress_bar: bool = False) -> TrainingResult:
-    "Execute the training notebook, store the executed notebook as the report, publish the model as `latest`."
+def _kernel_config(socket_dir: Path):
+    "Jupyter's kernel talks to papermill over Unix sockets in `socket_dir` (private to the user), not TCP ports."
+    from traitlets.config import Config
+    if os.name != "posix": return Config()  # Windows: TCP on loopback, as Jupyter does by default
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}})
+
+# %% ../nbs/05_pipeline.ipynb #80932b32
+def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path, *, log_output: bool = True,
+            progress_bar: bool = False):
+    "Run `s.train_notebook` with `parameters` in `run_dir`, saving it to `report`; `TrainingFailed` if it fails."
     import papermill as pm
-    s = settings or get_settings()
-    model_dir = Path(s.model_dir).resolve()
-    version = store.new_version()
-    parameters = {**notebook_parameters(s, version), **(params or {}), "version": version, "promote": False}
-    run_dir = model_dir / "runs" / version
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report = run_dir / store.REPORT_FILE
-    print(f"training run {version}: executing {s.train_notebook}\n  progress report: {report}", flush=True)
     try:
-        pm.execute_notebook(str(s.train_notebook), str(report), parameters=parameters, kernel_name="python3",
-                            language="python", cwd=str(run_dir), progress_bar=progress_bar,
-                            stdout_file=sys.stdout if log_output else None,
-                            stderr_file=sys.stderr if log_output else None)
+        with tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets:
+            pm.execute_notebook(str(s.train_notebook), str(report), parameters=parameters, kernel_name="python3",
+                                language="python", cwd=str(run_dir), progress_bar=progress_bar,
+                                config=_kernel_config(Path(sockets)),
+                                stdout_file=sys.stdout if log_output else None,
+                                stderr_file=sys.stderr if log_output else None)
     except Exception as e:
         ename, evalue = _error_of(e)
         where = f" in cell {e.exec_count}" if getattr(e, "exec_count", None) else ""
@@ -97,6 +101,10 @@ def run_training(settings: Settings | None = None, params: dict[str, Any] | None
         raise TrainingFailed(f"training notebook failed{where}: {ename}: {evalue}"
                              + (f"\n  partial report: {partial}" if partial else "")
                              + "\n  `latest` is unchanged", partial, ename, evalue) from e
+
+# %% ../nbs/05_pipeline.ipynb #b27fba3f
+def publish_report(model_dir: Path, version: str, report: Path) -> dict:
+    "Store `report` (notebook and HTML) beside the staged `version`, then make it `latest`; its metadata."
     try:
         meta = store.read_metadata(model_dir, version)
         store.add_file(model_dir, version, store.REPORT_FILE, report.read_bytes())
@@ -107,8 +115,24 @@ def run_training(settings: Settings | None = None, params: dict[str, Any] | None
         ename, evalue = _error_of(e)
         raise TrainingFailed(f"publishing version {version} failed: {ename}: {evalue}\n  report: {report}"
                              f"\n  `latest` is unchanged", report, ename, evalue) from e
+    return meta
+
+# %% ../nbs/05_pipeline.ipynb #dce9dcc0
+def run_training(settings: Settings | None = None, params: dict[str, Any] | None = None, *,
+                 log_output: bool = True, progress_bar: bool = False) -> PublishedRun:
+    "Execute the training notebook, store the executed notebook as the report, publish the model as `latest`."
+    s = settings or get_settings()
+    model_dir = Path(s.model_dir).resolve()
+    version = store.new_version()
+    parameters = {**notebook_parameters(s, version), **(params or {}), "version": version, "promote": False}
+    run_dir = model_dir / "runs" / version
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = run_dir / store.REPORT_FILE
+    print(f"training run {version}: executing {s.train_notebook}\n  progress report: {report}", flush=True)
+    execute(s, parameters, run_dir, report, log_output=log_output, progress_bar=progress_bar)
+    meta = publish_report(model_dir, version, report)
     shutil.rmtree(run_dir, ignore_errors=True)
     folder = store.version_dir(model_dir, version)
-    print(f"published version {version} as latest\n  model:  {folder / store.MODEL_FILE}\n"
+    print(f"published version {version} as latest, with its report\n  model:  {folder / store.MODEL_FILE}\n"
           f"  report: {folder / store.REPORT_HTML}", flush=True)
-    return TrainingResult(version, folder, folder / store.REPORT_HTML, folder / store.REPORT_FILE, meta)
+    return PublishedRun(version, folder, folder / store.REPORT_HTML, folder / store.REPORT_FILE, meta)

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['ERROR_KINDS', 'ALLOWED_FORMATS', 'ImageError', 'open_image', 'to_mnist', 'preprocess', 'preprocess_batch']
@@ -150,7 +150,8 @@ def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterab
     fmt = img.format
     _check_size(*img.size, max_pixels, max_aspect_ratio)
     try:
-        if draft and fmt in ("JPEG", "MPO"): img.draft("L", (draft, draft))
+        if draft and fmt in ("JPEG", "MPO"):  # decode at 1/2, 1/4 or 1/8 size, the longer side >= draft
+            n = max(img.size); img.draft("L", (max(1, draft * img.width // n), max(1, draft * img.height // n)))
         img.load()
     except Exception as e: raise _decode_error(e, fmt, data) from e
     try: ImageOps.exif_transpose(img, in_place=True)
@@ -185,7 +186,7 @@ def _composite(grey: Image.Image, alpha: Image.Image | None, paper: int) -> Imag
     "`grey` with transparency `alpha` laid on paper of grey level `paper`."
     return grey if alpha is None else Image.composite(grey, Image.new("L", grey.size, paper), alpha)
 
-# %% ../nbs/06_preprocess.ipynb #59cb6ed8
+# %% ../nbs/06_preprocess.ipynb #dd6c56b2
 _NOISE_BAND = 16    # grey levels: at least this far from the background to count as ink
 _MIN_CONTRAST = 40  # an ink level (90th percentile) weaker than this is noise, not a digit
 _MIN_INK = 1e-4     # ... and so is ink on fewer than this fraction of the pixels
@@ -197,26 +198,103 @@ def _quantile(hist: np.ndarray, q: float) -> int:
     cum = hist.cumsum()
     return int(cum.searchsorted(q * cum[-1]))
 
-def _ink_lut(grey: Image.Image) -> np.ndarray | None:
-    "A 256-entry table mapping `grey` levels to ink strength (background 0, ink 255), or `None` if blank."
-    # Pillow counts a mostly uniform image slowly (each pixel increments the same counter): on big images a
-    # 2x2 box average, 4 times fewer pixels, gives the same background, noise and ink levels
-    h = np.array((grey.reduce(2) if grey.width * grey.height > 1 << 16 else grey).histogram(), dtype=np.float64)
-    bg = _quantile(h, 0.5)
-    mad = _quantile(np.bincount(np.abs(_LEVELS - bg), weights=h, minlength=256), 0.5)
+def _border(a: np.ndarray) -> list[np.ndarray]:
+    "The four edges of `a` as rows of pixels, 1/32 of its shorter side deep (at least 1)."
+    k = max(1, min(a.shape) // 32)
+    return [a[:k], a[-k:], a[:, :k].T, a[:, -k:].T]
+
+def _paper_noise(a: np.ndarray) -> tuple[int, int]:
+    "The background level (median of the border) and its noise (from differences of pixels 2 apart along it)."
+    edges = _border(a)
+    bg = _quantile(np.bincount(np.concatenate([e.ravel() for e in edges]), minlength=256), 0.5)
+    diffs = np.concatenate([np.abs(e[:, 2:].astype(np.int16) - e[:, :-2]).ravel() for e in edges])
+    return bg, int(_quantile(np.bincount(diffs), 0.5) * 0.7 + 0.5) if diffs.size else 0   # ~ the MAD of Gaussian noise
+
+# %% ../nbs/06_preprocess.ipynb #0b0171de
+_CELLS = 32  # background grids: about this many cells along the longer side
+
+def _blocks(a: np.ndarray, f: int, op) -> np.ndarray:
+    "`op` (np.maximum, np.minimum, np.add, np.logical_or) over each f x f block of `a`; partial blocks dropped."
+    h, w = a.shape[0] // f * f, a.shape[1] // f * f
+    rows = a[0:h:f]
+    for i in range(1, f): rows = op(rows, a[i:h:f])
+    out = rows[:, 0:w:f]
+    for i in range(1, f): out = op(out, rows[:, i:w:f])
+    return out
+
+def _filter(g: np.ndarray, k: int, op) -> np.ndarray:
+    "A k x k max (`op=np.maximum`) or min (`np.minimum`) filter of a small 2-D array, edges replicated."
+    r = k // 2
+    for _ in range(2):  # down the columns, then (transposed) along the rows
+        n = g.shape[0]
+        p, w = np.concatenate([g[:1].repeat(r, 0), g, g[-1:].repeat(r, 0)]), 1
+        while 2 * w <= k: p, w = op(p[:-w], p[w:]), 2 * w   # windows of 2, 4, ... rows
+        g = op(p[:n], p[k - w:k - w + n]).T                  # two overlapping ones cover k rows
+    return g
+
+def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    "Coarse grids of the background under dark ink and of each cell's darkest pixel, and the cell size; None if tiny."
+    g = max(1, max(a.shape) // _CELLS)
+    h, w = a.shape[0] // g, a.shape[1] // g
+    if h < 4 or w < 4: return None
+    rows, cols = a[:h * g, :w * g].reshape(h, g, w * g), np.arange(0, w * g, g)
+    hi = np.maximum.reduceat(rows.max(axis=1), cols, axis=1)   # each cell's brightest and darkest pixel
+    lo = np.minimum.reduceat(rows.min(axis=1), cols, axis=1)
+    k = max(3, (max(h, w) // 3) | 1)
+    return _filter(_filter(hi, k, np.maximum), k, np.minimum), lo, g
+
+# %% ../nbs/06_preprocess.ipynb #c178f591
+_EVEN = 0.12   # a background varying less than this fraction of the paper level is evenly lit
+_PAPER = 96    # a border at least this bright is paper (dark ink), whatever a shadow does to the histogram
+_SMALL = 96    # unevenly lit photos are analysed at about this size (integer reductions, not below it)
+
+def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> bool:
+    "Whether `a` (levels counted in `h`) is unevenly lit paper with dark ink on it."
+    s = _surfaces(a)
+    if s is None or not (dark or bg >= _PAPER): return False
+    under_dark, under_bright, _ = s
+    p_dark = _quantile(h, 0.005)
+    paper = under_dark > p_dark + max(band, (_quantile(h, 0.995) - p_dark) // 4)   # not inside bold strokes
+    def spread(grid):   # the range of the grid's cells, 2% left out at each end
+        v = np.sort(grid, axis=None); return int(v[len(v) * 49 // 50]) - int(v[len(v) // 50]) if len(v) >= 4 else 0
+    return paper.sum() >= 4 and _EVEN * max(bg, 32) < spread(under_dark[paper]) <= spread(under_bright)
+
+# %% ../nbs/06_preprocess.ipynb #c1022395
+_NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
+
+def _histogram(a: np.ndarray) -> np.ndarray:
+    "Counts of each level 0..255 in `a` (uint8); of its 2x2 block means above 64K pixels."
+    img = Image.fromarray(a)
+    return np.array((img.reduce(2) if a.size > 1 << 16 else img).histogram(), np.float64)
+
+# %% ../nbs/06_preprocess.ipynb #6a08af77
+def _ink_map(a: np.ndarray) -> np.ndarray | None:
+    "Ink strength (uint8: background 0, ink 255) of grey image `a`, or None if blank (may be half `a`'s size)."
+    bg, mad = _paper_noise(a)
+    if mad >= _NOISY:   # grainy: a 3x3 box blur divides the noise by 3 and blurs strokes by a pixel
+        a = np.asarray(Image.fromarray(a).filter(ImageFilter.BoxBlur(1))); bg, mad = _paper_noise(a)
     band = max(_NOISE_BAND, 4 * mad)
-    d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)      # ink candidates: levels < d0 (dark), >= b0 (bright)
-    dark = h[:d0] @ (d0 - _LEVELS[:d0])                      # contrast beyond the band, darker side
-    bright = h[b0:] @ (_LEVELS[b0:] - b0 + 1)                 # ... brighter side
-    ink = h[:d0] if dark > bright else h[b0:]
-    n = ink.sum()
-    if n < max(1.0, _MIN_INK * h.sum()): return None
-    # the ink level: the 90th percentile of the candidates' distance from the background
-    hi = bg - _quantile(ink, 0.1) if dark > bright else b0 + _quantile(ink, 0.9) - bg
+    h = _histogram(a)
+    d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)  # ink candidates: levels < d0 (dark), >= b0 (bright)
+    dark = h[:d0] @ (d0 - _LEVELS[:d0]) >= h[b0:] @ (_LEVELS[b0:] - b0 + 1)   # more contrast on the dark side
+    if not (uneven := _uneven(a, h, bg, band, dark)):   # one background level: a table of grey levels
+        x = np.clip((bg - _LEVELS) if dark else (_LEVELS - bg), 0, 255)
+        hx = np.bincount(x, weights=h, minlength=256)
+    else:                                                # contrast with the paper around each pixel
+        if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
+        k = max(3, (max(a.shape) // 5) | 1)
+        paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
+        paper -= np.median(paper[::4, ::4] - a[::4, ::4])   # the closing sits on the noise's peaks
+        s = paper - a; s *= bg / np.maximum(paper, 8)
+        hx = _histogram(np.clip(s + 0.5, 0, 255).astype(np.uint8))
+    ink = hx[band + 1:]
+    if ink.sum() < max(1.0, _MIN_INK * hx.sum()): return None
+    hi = band + 1 + _quantile(ink, 0.9)   # the ink level: the 90th percentile of the candidates' contrast
     if hi < _MIN_CONTRAST: return None
     lo = min(3 * mad, hi / 4)
-    x = (bg - _LEVELS) if dark > bright else (_LEVELS - bg)  # ink strength of each grey level
-    return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)
+    if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]
+    s -= lo; s *= 255 / (hi - lo)
+    return np.clip(s + 0.5, 0, 255).astype(np.uint8)
 
 # %% ../nbs/06_preprocess.ipynb #72f916c1
 _INKED, _HALF = 51, 128  # ink strength >= 0.2: part of the digit; >= 0.5: the stroke proper (for its width)
@@ -240,6 +318,123 @@ def _ink_bbox(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     mask = ink >= _INKED
     cols, rows = _span(mask, 0), _span(mask, 1)
     return None if cols is None else (cols[0], rows[0], cols[1], rows[1])
+
+# %% ../nbs/06_preprocess.ipynb #94862ef3
+def _runs(mask: np.ndarray, sides: bool = False) -> np.ndarray:
+    "Each set pixel's horizontal run length (0 elsewhere); with `sides`, only of runs touching the left or right side."
+    h, w = mask.shape
+    m = np.zeros((h, w + 2), np.int8); m[:, 1:-1] = mask
+    d = np.diff(m, axis=1).ravel()
+    st, en = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    n = (en - st).astype(np.float32)
+    if sides: n[(st % (w + 1) != 0) & (en % (w + 1) != w)] = 0
+    out = np.zeros(h * (w + 1), np.float32)
+    out[st] = n; out[en] -= n
+    return np.cumsum(out).reshape(h, w + 1)[:, :w]
+
+def _grow(mask: np.ndarray, r: int) -> np.ndarray:
+    "`mask` grown by `r` pixels up and down."
+    out = mask.copy()
+    for i in range(1, r + 1): out[i:] |= mask[:-i]; out[:-i] |= mask[i:]
+    return out
+
+def _pool(mask: np.ndarray, f: int) -> np.ndarray:
+    "Whether each f x f block of `mask` has a set pixel (the last blocks may be partial)."
+    if f == 1: return mask
+    h, w = -(-mask.shape[0] // f) * f, -(-mask.shape[1] // f) * f
+    m = np.zeros((h, w), bool); m[:mask.shape[0], :mask.shape[1]] = mask
+    return _blocks(m, f, np.logical_or)
+
+# %% ../nbs/06_preprocess.ipynb #f2af7d39
+_LONG = 0.5     # a line runs in from a side across at least this fraction of the image
+_MIN_PAGE = 64  # px: a smaller image has no room for ruled paper (but may be a tight crop of a "1")
+
+def _hlines(mask: np.ndarray) -> np.ndarray | None:
+    "The pixels of long, thin, roughly horizontal lines in `mask`, except where a stroke crosses; None if none."
+    h, w = mask.shape
+    r = max(1, round(w * 0.016))                      # a line tilted by up to ~2.5 degrees is 2r + 1 rows high
+    c = np.concatenate([[0], np.count_nonzero(mask, axis=1).cumsum()])
+    if (c[2 * r + 1:] - c[:-2 * r - 1]).max(initial=0) < _LONG * w: return None   # no band holds enough ink
+    band = _grow(mask, r)                             # the tilted line as a solid band
+    band[:, 1:] |= band[:, :-1].copy(); band[:, :-1] |= band[:, 1:].copy()   # bridged over small breaks
+    long = _runs(band, sides=True) >= _LONG * w
+    if not long.any(): return None
+    thin = _runs(mask.T).T <= 2 + h // 100           # a stroke crossing the line is taller than the line
+    return mask & long & thin
+
+def _lines(faint: np.ndarray) -> np.ndarray | None:
+    "Ruled and grid lines among the `faint` ink, found on blocks of 2x2 pixels or more; None if there are none."
+    if min(faint.shape) < _MIN_PAGE: return None
+    f = max(1, max(faint.shape) // 128)
+    m = _pool(faint, f)
+    h, w = m.shape
+    def most(counts, n):   # the most ink in any band of rows (or columns) high enough for a tilted line
+        return np.convolve(counts, np.ones(2 * max(1, round(n * 0.016)) + 1), "valid").max(initial=0)
+    if most(np.count_nonzero(m, axis=1), w) < _LONG * w and most(np.count_nonzero(m, axis=0), h) < _LONG * h:
+        return None                        # the usual case, found in a few steps: no room for any line
+    lines = np.zeros_like(m)
+    for t in (False, True, False, True):   # twice: at first a crossing hides each family from the other
+        rest = m & ~lines
+        found = _hlines(rest.T if t else rest)
+        if found is not None: lines |= found.T if t else found
+        elif t and not lines.any(): return None
+    return np.repeat(np.repeat(lines, f, axis=0), f, axis=1)[:faint.shape[0], :faint.shape[1]]
+
+# %% ../nbs/06_preprocess.ipynb #392924b2
+def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
+    "8-connected components of a small boolean grid: labels (0 = empty, 1..n) and n."
+    d = np.diff(np.pad(grid, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    (ys, starts), ends = np.nonzero(d == 1), np.nonzero(d == -1)[1]   # runs [start, end) in reading order
+    parent = list(range(len(ys) + 1))   # run i is component i + 1 until joined
+    def root(i):
+        while parent[i] != i: parent[i] = parent[parent[i]]; i = parent[i]
+        return i
+    row_start = np.searchsorted(ys, np.arange(grid.shape[0] + 1)).tolist()
+    ys, starts, ends = ys.tolist(), starts.tolist(), ends.tolist()
+    for y in range(1, grid.shape[0]):
+        j, above_end = row_start[y - 1], row_start[y]
+        for i in range(row_start[y], row_start[y + 1]):
+            while j < above_end and ends[j] < starts[i]: j += 1   # runs above that end before this one's left
+            k = j
+            while k < above_end and starts[k] <= ends[i]:          # ... and touch it, diagonals included
+                a, b = root(k + 1), root(i + 1)
+                if a != b: parent[max(a, b)] = min(a, b)
+                k += 1
+    uniq, index = np.unique([root(i) for i in range(len(parent))], return_inverse=True)
+    lab = np.zeros(grid.shape, np.int32)
+    for i, (y, s, e) in enumerate(zip(ys, starts, ends)): lab[y, s:e] = index[i + 1]
+    return lab, len(uniq) - 1
+
+# %% ../nbs/06_preprocess.ipynb #093561a2
+_NEAR = 0.5  # parts reaching within this fraction of the digit's size of its box belong to it (a broken 5)
+_PART = 0.08 # ... if they hold at least this fraction of its ink (less is a speck)
+_RIVAL = 0.5 # a mark with this fraction of the digit's ink is kept wherever it is: two digits stay two
+
+def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
+    "The cells (g x g pixels each) of `mask` that hold the digit, and g; None if `mask` is empty."
+    g = max(1, math.ceil(max(mask.shape) / _CELLS))
+    h, w = -(-mask.shape[0] // g), -(-mask.shape[1] // g)
+    m = np.zeros((h * g, w * g), np.uint16); m[:mask.shape[0], :mask.shape[1]] = mask
+    counts = _blocks(m, g, np.add).ravel()
+    lab, n = _components(counts.reshape(h, w) > (g > 1))   # a lone pixel in a cell is a speck
+    if n == 0: return None
+    lab = lab.ravel()
+    ys, xs = np.divmod(np.arange(h * w), w)   # each cell's row and column
+    mass = np.bincount(lab, weights=counts, minlength=n + 1)
+    cy = np.bincount(lab, weights=ys * counts, minlength=n + 1) / np.maximum(mass, 1)
+    cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
+    best = int((mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5)))[1:].argmax()) + 1
+    grid = lab.reshape(h, w)
+    def box(c):
+        yy, xx = np.nonzero(grid == c); return np.array([yy.min(), xx.min()]), np.array([yy.max(), xx.max()])
+    lo, hi = box(best)
+    grow = _NEAR * (hi - lo + 1).max()
+    keep = np.zeros(n + 1, bool); keep[best] = True
+    for c in np.flatnonzero(mass >= _PART * mass[best]):
+        if c and c != best:
+            l, u = box(c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
+                                      or mass[c] >= _RIVAL * mass[best])              # or a second digit
+    return _grow(_grow(keep[grid], 1).T, 1).T, g   # and one cell around: the strokes' faint edges
 
 # %% ../nbs/06_preprocess.ipynb #21c72e66
 _BOX, _FIELD, _CENTRE = 20, 28, 14  # MNIST: the digit's longer side is 20 px, centred at (14, 14) in 28x28
@@ -324,7 +519,7 @@ def _place(digit: np.ndarray) -> np.ndarray:
     peak = out.max()
     return out / peak if 0 < peak < 1 else out
 
-# %% ../nbs/06_preprocess.ipynb #e5eb8975
+# %% ../nbs/06_preprocess.ipynb #e479a1a6
 _WORK = 256  # analyse big images at this size (integer reductions keep the longer side >= this)
 
 def _reduce(img: Image.Image, work: int) -> Image.Image:
@@ -332,24 +527,35 @@ def _reduce(img: Image.Image, work: int) -> Image.Image:
     f = max(img.size) // work
     return img.reduce(f) if f >= 2 else img
 
+def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    "The digit's ink (a crop of `inks`, other marks cleared) and its bounding box in that crop; None if none."
+    mask, lines = inks >= _HALF, _lines(inks >= _INKED)
+    if lines is not None: mask &= ~lines
+    if (picked := _pick(mask)) is None: return None
+    sel, g = picked
+    if g == 1 and lines is None:   # a thumbnail (32 px or less), such as an MNIST digit: leave its ink as it is
+        return None if (bbox := _ink_bbox(inks)) is None else (inks, bbox)
+    ys, xs = np.nonzero(sel)
+    y0, y1, x0, x1 = ys.min() * g, (ys.max() + 1) * g, xs.min() * g, (xs.max() + 1) * g
+    keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)
+    crop = inks[y0:y1, x0:x1] * keep[:min(y1, inks.shape[0]) - y0, :min(x1, inks.shape[1]) - x0]
+    if lines is not None: crop[lines[y0:y1, x0:x1]] = 0
+    return None if (bbox := _ink_bbox(crop)) is None else (crop, bbox)
+
+# %% ../nbs/06_preprocess.ipynb #b4d88d8f
 def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
     "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
     if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
     if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
     grey, alpha = _layers(img)
-    paper = _reduce(_composite(grey, alpha, 255), _WORK)
-    lut = _ink_lut(paper)
-    if lut is None and alpha is not None:
-        paper = _reduce(_composite(grey, alpha, 0), _WORK)
-        lut = _ink_lut(paper)
-    if lut is not None:
-        inks = lut[np.asarray(paper)]  # ink strength, 0-255 (numpy: Image.point re-reads the table each call)
-        ink = Image.fromarray(inks)
-    bbox = None if lut is None else _ink_bbox(inks)
-    if bbox is None:
+    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), _WORK)))
+    if inks is None and alpha is not None:   # light strokes on a transparent background
+        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), _WORK)))
+    if (found := None if inks is None else _find(inks)) is None:
         if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
         raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
-    return _place(_digit(ink, inks, bbox))
+    crop, bbox = found
+    return _place(_digit(Image.fromarray(crop), crop, bbox))
 
 # %% ../nbs/06_preprocess.ipynb #932debaa
 def preprocess(data: bytes, *, max_pixels: int = 25_000_000, max_aspect_ratio: float = 25.0,

@@ -131,22 +131,24 @@ def read_metadata(model_dir: Path | str, version: str) -> dict:
     return meta
 
 # %% ../nbs/03_store.ipynb #e96870f6
+def _point_latest(model_dir: Path | str, version: str):
+    "Switch `latest` to `version` in one atomic step."
+    atomic_write(Path(model_dir) / LATEST, version + "\n")
+
 def promote(model_dir: Path | str, version: str):
     "Point `latest` at `version` after checking that it is complete."
     meta = read_metadata(model_dir, version)
     model = version_file(model_dir, version, MODEL_FILE)
     if not model.is_file() or model.stat().st_size != meta.get("size"):
         raise ModelStoreError(f"version {version}: model file missing or incomplete")
-    atomic_write(Path(model_dir) / LATEST, version + "\n")
-
-_promote = promote  # `publish` takes a flag of the same name
+    _point_latest(model_dir, version)
 
 def publish(model_dir: Path | str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
             version: str | None = None, promote: bool = True) -> str:
     "Stage a new version (and make it `latest` when `promote`); return its name."
     version = version or new_version()
-    stage_version(model_dir, version, state_dict, metadata)
-    if promote: _promote(model_dir, version)
+    stage_version(model_dir, version, state_dict, metadata)  # complete once it returns: nothing to check
+    if promote: _point_latest(model_dir, version)
     return version
 
 # %% ../nbs/03_store.ipynb #534a6af8
@@ -158,7 +160,7 @@ def latest_version(model_dir: Path | str) -> str | None:
     except ModelStoreError: return None
 
 def list_versions(model_dir: Path | str) -> list[str]:
-    "Names of the complete (staged) versions, oldest first."
+    "Names of the complete (staged) versions, oldest first (to the second: names sort by creation time)."
     try: entries = sorted(versions_dir(model_dir).iterdir())
     except OSError: return []
     return [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and (p / METADATA_FILE).is_file()]

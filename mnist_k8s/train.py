@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -29,14 +30,12 @@ from . import store
 from .config import default_threads
 from .data import Batches, Digits, load_mnist
 from .model import DEFAULT_ARCH, build_model, cpu_has_bf16
-
-with warnings.catch_warnings():  # without ipywidgets tqdm.auto falls back to text bars, and says so: fine
-    warnings.simplefilter("ignore")
-    from tqdm.auto import tqdm
+from tqdm import tqdm
 
 # %% auto #0
-__all__ = ['RECIPE', 'Evaluation', 'evaluate', 'run_key', 'checkpoint_path', 'save_checkpoint', 'load_checkpoint', 'fit',
-           'library_versions', 'git_revision', 'TrainResult', 'train_model', 'publish_model']
+__all__ = ['RECIPE', 'Evaluation', 'evaluate', 'run_key', 'checkpoint_path', 'save_checkpoint', 'load_checkpoint', 'one_cycle',
+           'train_epoch', 'epoch_line', 'fit', 'library_versions', 'git_revision', 'TrainedModel', 'run_metadata',
+           'train_model', 'publish_model']
 
 # %% ../nbs/04_train.ipynb #f832a8b1
 RECIPE = dict(optimizer="adam", schedule="onecycle", warmup=0.25, label_smoothing=0.1,
@@ -103,7 +102,53 @@ def load_checkpoint(path: Path | str, key: str) -> dict | None:
         warnings.warn(f"ignoring checkpoint {path}: {e}")
         return None
 
-# %% ../nbs/04_train.ipynb #4c6dca77
+# %% ../nbs/04_train.ipynb #8b271bee
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    "Warm up to `lr` over the first `RECIPE['warmup']` of `total_steps`, then anneal (cosine) to about 0."
+    warmup = RECIPE["warmup"]
+    if abs(warmup * total_steps - 1) < 1e-9: warmup = 1.5 / total_steps  # OneCycleLR would divide by 0
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=warmup)
+
+# %% ../nbs/04_train.ipynb #77c9e978
+def train_epoch(model: nn.Module, train: Digits, opt: torch.optim.Optimizer, sched, *, batch_size: int,
+                seed: int, epoch: int, bf16: bool = False, bar: tqdm | None = None) -> dict:
+    "Train `model` one epoch over `train`; its mean loss and training accuracy (on the augmented batches)."
+    model.train()
+    total_loss = correct = seen = 0
+    for x, y in Batches(train, batch_size, seed=seed * 100_003 + epoch, augment=RECIPE["augment"]):
+        with _autocast(bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=RECIPE["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(); sched.step()
+        total_loss += loss.item() * len(y); seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        if bar is not None: bar.update(); bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+    return dict(epoch=epoch + 1, loss=total_loss / seen, train_accuracy=correct / seen, lr=sched.get_last_lr()[0])
+
+def epoch_line(rec: dict, epochs: int) -> str:
+    "The log line of one epoch's record."
+    test = f", test accuracy {rec['test_accuracy']:.2%}" if "test_accuracy" in rec else ""
+    return (f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f}, train accuracy {rec['train_accuracy']:.2%}"
+            f"{test} ({rec['seconds']:.1f} s)")
+
+# %% ../nbs/04_train.ipynb #3d2c6ca4
+def _resume(checkpoint, key: str, model, opt, sched, epochs: int, log) -> tuple[list[dict], int]:
+    "Load run `key`'s checkpoint (if any) into `model`, `opt`, `sched` and torch's RNG: (history, epochs done)."
+    state = load_checkpoint(checkpoint, key) if checkpoint else None
+    if state is None: return [], 0
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"]); torch.set_rng_state(state["torch_rng"])
+    log(f"resuming from checkpoint {checkpoint}: {state['epoch']} of {epochs} epochs done")
+    return state["history"], state["epoch"]
+
+def _checkpoint(checkpoint, key: str, epoch: int, model, opt, sched, history: list[dict]):
+    "Save the state after `epoch` epochs."
+    save_checkpoint(checkpoint, dict(key=key, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                                     scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(), history=history))
+
+# %% ../nbs/04_train.ipynb #f096fde9
 def fit(model: nn.Module, train: Digits, *, epochs: int, batch_size: int, lr: float, seed: int,
         test: Digits | None = None, checkpoint: Path | str | None = None, key: str = "",
         bf16: bool = False, progress: bool = True, log=print) -> list[dict]:
@@ -112,49 +157,19 @@ def fit(model: nn.Module, train: Digits, *, epochs: int, batch_size: int, lr: fl
     steps = len(Batches(train, batch_size))
     if steps == 0: raise ValueError("no training digits")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    warmup = RECIPE["warmup"]
-    if abs(warmup * epochs * steps - 1) < 1e-9: warmup = 1.5 / (epochs * steps)  # OneCycleLR would divide by 0
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=warmup)
-    history, start = [], 0
-    state = load_checkpoint(checkpoint, key) if checkpoint else None
-    if state is not None:
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"]); torch.set_rng_state(state["torch_rng"])
-        history, start = state["history"], state["epoch"]
-        log(f"resuming from checkpoint {checkpoint}: {start} of {epochs} epochs done")
-    aug = RECIPE["augment"]
-    bar = tqdm(total=epochs * steps, initial=start * steps, desc="training", unit="batch",
-               mininterval=1.0, disable=not progress)
-    try:
+    sched = one_cycle(opt, lr, epochs * steps)
+    history, start = _resume(checkpoint, key, model, opt, sched, epochs, log)
+    with tqdm(total=epochs * steps, initial=start * steps, desc="training", unit="batch", mininterval=1.0,
+              file=sys.stdout, disable=not progress) as bar:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            model.train()
-            total_loss = correct = seen = 0
-            for x, y in Batches(train, batch_size, seed=seed * 100_003 + epoch, augment=aug):
-                with _autocast(bf16):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=RECIPE["label_smoothing"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step(); sched.step()
-                total_loss += loss.item() * len(y); seen += len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                bar.update(); bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-            rec = dict(epoch=epoch + 1, loss=total_loss / seen, train_accuracy=correct / seen,
-                       lr=sched.get_last_lr()[0])
-            if test is not None: rec["test_accuracy"] = evaluate(model, test, bf16=bf16).accuracy
+            rec = train_epoch(model, train, opt, sched, batch_size=batch_size, seed=seed, epoch=epoch,
+                              bf16=bf16, bar=bar)
+            if test is not None: rec["test_accuracy"] = evaluate(model, test).accuracy  # float32, as the final one
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
-            bar.clear()  # the epoch line goes above the bar, not into it
-            log(f"epoch {epoch + 1}/{epochs}: loss {rec['loss']:.4f}, train accuracy {rec['train_accuracy']:.2%}"
-                + (f", test accuracy {rec['test_accuracy']:.2%}" if test is not None else "")
-                + f" ({rec['seconds']:.1f} s)")
-            bar.refresh()
-            if checkpoint:
-                save_checkpoint(checkpoint, dict(key=key, epoch=epoch + 1, model=model.state_dict(),
-                                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                                 torch_rng=torch.get_rng_state(), history=history))
-    finally: bar.close()
+            with tqdm.external_write_mode(file=sys.stdout): log(epoch_line(rec, epochs))
+            if checkpoint: _checkpoint(checkpoint, key, epoch + 1, model, opt, sched, history)
     return history
 
 # %% ../nbs/04_train.ipynb #b05ee2d6
@@ -174,23 +189,36 @@ def git_revision() -> str | None:
         return rev if out.returncode == 0 and len(rev) == 40 else None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/04_train.ipynb #19e46b7e
+# %% ../nbs/04_train.ipynb #7c1eb1f5
 @dataclass
-class TrainResult:
-    "A trained model with its evaluation and the metadata to publish with it."
-    model: nn.Module
+class TrainedModel:
+    "A trained, not yet published, model with its evaluation and the metadata to publish with it."
+    model: nn.Module = field(repr=False)
     evaluation: Evaluation
-    history: list[dict]
-    metadata: dict
+    history: list[dict] = field(repr=False)
+    metadata: dict = field(repr=False)
     checkpoint: Path
     train: Digits = field(repr=False)
     test: Digits = field(repr=False)
 
+def run_metadata(model: nn.Module, ev: Evaluation, history: list[dict], params: dict, train: Digits,
+                 test: Digits, resumed_from: int, wall_seconds: float) -> dict:
+    "What a published version records about the run that made it (plain JSON)."
+    return dict(
+        arch=model.arch, test_accuracy=ev.accuracy, per_class_accuracy=ev.per_class_accuracy,
+        confusion_matrix=ev.confusion_matrix, misclassified=ev.misclassified, params=params,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        dataset=dict(train_size=len(train), test_size=len(test)), resumed_from_epoch=resumed_from,
+        train_seconds=round(sum(h["seconds"] for h in history), 2), wall_seconds=round(wall_seconds, 2),
+        threads=torch.get_num_threads(), history=history, libraries=library_versions(), git_rev=git_revision(),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+# %% ../nbs/04_train.ipynb #1ef996b5
 def train_model(data_root: Path | str, model_dir: Path | str, *, epochs: int, batch_size: int, lr: float,
                 seed: int = 0, limit: int | None = None, test_limit: int | None = None,
                 arch: dict | None = None, download: bool = False, bf16: bool | None = None,
-                threads: int | None = None, progress: bool = True, log=print) -> TrainResult:
-    "Train a model on MNIST under `data_root` (checkpointing under `model_dir`) and evaluate it."
+                threads: int | None = None, progress: bool = True, log=print) -> TrainedModel:
+    "Train a model on MNIST under `data_root` (checkpointing under `model_dir`) and evaluate it in float32."
     started = time.perf_counter()
     torch.set_num_threads(default_threads(threads))
     bf16 = cpu_has_bf16() if bf16 is None else bool(bf16)
@@ -202,28 +230,19 @@ def train_model(data_root: Path | str, model_dir: Path | str, *, epochs: int, ba
                   bf16=bf16, **RECIPE)
     key = run_key(dict(params, arch=model.arch))
     ckpt = checkpoint_path(model_dir, key)
-    done = load_checkpoint(ckpt, key)
-    resumed_from = done["epoch"] if done else 0
-    del done
+    resumed_from = (load_checkpoint(ckpt, key) or {}).get("epoch", 0)
     n = torch.get_num_threads()
     log(f"training on {len(train):,} digits, testing on {len(test):,}; {n} thread{'s' * (n > 1)}, "
-        f"{'bfloat16' if bf16 else 'float32'}; checkpoint {ckpt}")
+        f"{'bfloat16 autocast' if bf16 else 'float32'}; checkpoint {ckpt}")
     history = fit(model, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test=test,
                   checkpoint=ckpt, key=key, bf16=bf16, progress=progress, log=log)
     ev = evaluate(model, test)
-    log(f"test accuracy {ev.accuracy:.2%} ({len(ev.misclassified)} of {len(test):,} wrong)")
-    metadata = dict(
-        arch=model.arch, test_accuracy=ev.accuracy, per_class_accuracy=ev.per_class_accuracy,
-        confusion_matrix=ev.confusion_matrix, misclassified=ev.misclassified, params=params,
-        n_parameters=sum(p.numel() for p in model.parameters()),
-        dataset=dict(train_size=len(train), test_size=len(test)), resumed_from_epoch=resumed_from,
-        train_seconds=round(sum(h["seconds"] for h in history), 2),
-        wall_seconds=round(time.perf_counter() - started, 2), threads=torch.get_num_threads(),
-        history=history, libraries=library_versions(), git_rev=git_revision(),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return TrainResult(model, ev, history, metadata, ckpt, train, test)
+    log(f"trained: test accuracy {ev.accuracy:.2%} ({len(ev.misclassified)} of {len(test):,} wrong)")
+    meta = run_metadata(model, ev, history, params, train, test, resumed_from, time.perf_counter() - started)
+    return TrainedModel(model, ev, history, meta, ckpt, train, test)
 
-def publish_model(model_dir: Path | str, result: TrainResult, version: str | None = None,
+# %% ../nbs/04_train.ipynb #fffd1c35
+def publish_model(model_dir: Path | str, result: TrainedModel, version: str | None = None,
                   promote: bool = True) -> str:
     "Publish `result` as `version` (new if `None`), make it `latest` when `promote`, drop its checkpoint."
     version = store.publish(model_dir, result.model.state_dict(), result.metadata, version=version,

@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import venv
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -149,22 +148,41 @@ def profile(name: str) -> dict:
     return next(p for p in skaffold().get("profiles", []) if p["name"] == name)
 
 
+def with_profile(name: str) -> dict:
+    """The configuration as `skaffold -p name` sees it: the profile's JSON patches applied (the ops used in
+    skaffold.yaml: add and replace), then its sections replacing the top-level ones."""
+    import copy
+    cfg, prof = copy.deepcopy(skaffold()), profile(name)
+    for op in prof.get("patches", []):
+        assert op["op"] in ("add", "replace"), op
+        *parents, last = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
+        node = cfg
+        for k in parents: node = node[int(k)] if isinstance(node, list) else node[k]
+        if isinstance(node, list): node[int(last)] = op["value"]
+        else:
+            assert op["op"] == "add" or last in node, f"replace of a missing {op['path']}"
+            node[last] = op["value"]
+    for k, v in prof.items():
+        if k not in ("name", "activation", "requiresAllActivations", "patches"): cfg[k] = v
+    return cfg
+
+
 @dataclass
 class Hook:
     module: str
     args: list[str]
 
 
-def wait_hook() -> Hook:
-    "The after-deploy host hook (`python3 -m mnist_k8s.kube ...` from the repository root), with its arguments."
-    hooks = skaffold()["deploy"]["kubectl"]["hooks"]["after"]
+def deploy_hook(stage: str, cfg: dict | None = None) -> Hook:
+    "The one `before` or `after` deploy host hook, `python3 -m MODULE ARGS` run directly (no shell)."
+    hooks = (cfg or skaffold())["deploy"]["kubectl"]["hooks"][stage]
     assert len(hooks) == 1 and "host" in hooks[0], hooks
     cmd = hooks[0]["host"]["command"]
-    assert cmd[:2] == ["sh", "-c"], cmd
-    words = shlex.split(cmd[2])
-    assert words[:4] == ["cd", "${SKAFFOLD_WORK_DIR:-.}", "&&", "exec"], words
-    assert words[4:6] == ["python3", "-m"], words
-    return Hook(words[6], words[7:])
+    assert cmd[:2] == ["python3", "-m"], cmd
+    return Hook(cmd[2], cmd[3:])
+
+
+def wait_hook() -> Hook: return deploy_hook("after")
 
 
 # ---- Dockerfiles -------------------------------------------------------------------------------------

@@ -11,18 +11,25 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _serve_fixtures import mnist_test_digits
-from mnist_k8s.app import create_app
+from helpers import mnist_test_digits
+from mnist_k8s import store
+from mnist_k8s.api import create_app
 from mnist_k8s.config import Settings
-from mnist_k8s.serving import publish_untrained
+from mnist_k8s.model import build_model
 
 MODEL_DIR = tempfile.mkdtemp(prefix="mnist-k8s-test-app-")
-publish_untrained(MODEL_DIR)
-SETTINGS = Settings(model_dir=MODEL_DIR, torch_threads=1, max_upload_bytes=256 * 1024, max_batch_files=4)
+SETTINGS = Settings(_env_file=None, model_dir=MODEL_DIR, torch_threads=1, max_upload_bytes=256 * 1024,
+                    max_batch_files=4)
 
 
 @pytest.fixture(scope="module")
-def client():
+def published():
+    "An untrained network of the real architecture in MODEL_DIR (it costs the same to run as a trained one)."
+    store.publish(MODEL_DIR, build_model().state_dict(), {"arch": {}})
+
+
+@pytest.fixture(scope="module")
+def client(published):
     with TestClient(create_app(SETTINGS)) as c:   # runs the lifespan: model loaded, inference thread started
         assert c.get("/readyz").status_code == 200
         yield c
@@ -37,15 +44,22 @@ def assert_clean(r):
 
 # ------------------------------------------------------------------ schema-driven fuzzing
 schemathesis = pytest.importorskip("schemathesis")
-_APP = create_app(SETTINGS)
-_APP.state.service.predictor.start()
-_APP.state.service.holder.check()
+_APP = create_app(SETTINGS)                      # builds the routes; starts nothing
 schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
+
+
+@pytest.fixture(scope="module")
+def started(published):
+    "_APP's service started, as its lifespan would (schemathesis calls the app without running the lifespan)."
+    svc = _APP.state.service
+    svc.predictor.start(); svc.holder.check()
+    yield
+    svc.predictor.stop()
 
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_generated_request_breaks_the_api(case):
+def test_no_generated_request_breaks_the_api(case, started):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
     if response.status_code >= 400:

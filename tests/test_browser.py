@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from _serve_fixtures import Server, copy_version, mnist_test_digits, trained_model_dir, wait_for
+from helpers import ROOT, copy_version, mnist_test_digits, Server, wait_for
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("MNIST_K8S_CHROMIUM", "/usr/bin/chromium")
@@ -21,11 +21,6 @@ CSP_WATCH = """
 window.__csp = [];
 document.addEventListener('securitypolicyviolation', e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));
 """
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +132,67 @@ def test_draw_a_one_and_a_seven(page):
     page.wait_for_timeout(400)
     assert page.text_content("#digit").strip() == "7"
     page.screenshot(path=str(SHOTS / "mnist-k8s-page-drawn-7.png"), full_page=True)
+
+
+def draw_x(page):
+    draw(page, [[(60, 50), (220, 230)], [(220, 50), (60, 230)]])
+
+
+def test_drawing_a_letter_says_not_sure(page):
+    draw_x(page)
+    wait_digit(page)
+    assert page.text_content("#confidence").startswith("Not sure: is this one digit?")
+    assert page.text_content("#digit").strip() == "?"
+    assert "unsure" in page.get_attribute("#digit", "class")
+    assert "most likely" in page.text_content("#timing")
+    page.wait_for_timeout(500)
+    assert page.locator("#chart .bar.top").count() == 0          # no bar is singled out as the answer
+    page.screenshot(path=str(SHOTS / "mnist-k8s-page-not-sure.png"), full_page=True)
+
+
+def photo_of(label: int, tmp_path) -> Path:
+    "A phone-photo-like JPEG of the first MNIST test digit with `label` (bench/corpus.py)."
+    import sys
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "bench"))
+    import corpus
+    digits, labels = corpus.mnist(str(ROOT / "tests" / "data"), "t10k")
+    f = tmp_path / f"photo-{label}.jpg"
+    f.write_bytes(corpus.realistic(digits[list(labels).index(label)], "phone_photo", np.random.default_rng(0)))
+    return f
+
+
+def result_is_blank(page) -> bool:
+    "No digit, no confidence, no chart: nothing of an earlier answer is left."
+    return (page.text_content("#digit").strip() == "?" and "has" not in page.get_attribute("#digit", "class")
+            and "sure" not in page.text_content("#confidence") and page.text_content("#timing") == ""
+            and page.locator("#chart .bar.top").count() == 0
+            and all(t.strip() == "" for t in page.locator("#chart .pct").all_text_contents()))
+
+
+def test_a_refused_upload_leaves_no_stale_answer(page, tmp_path):
+    # the issue's case: a photo of an 8 gets an answer, then an upload the server refuses
+    page.set_input_files("#file", str(photo_of(8, tmp_path)))
+    wait_digit(page)
+    page.wait_for_timeout(500)
+    assert max(bar_heights(page)) > 20 and "sure" in page.text_content("#confidence")
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+    Image.new("L", (300, 300), 250).save(blank)
+    held = []                                   # hold the request: the old answer must go as soon as it starts
+    page.route("**/predict", lambda route: held.append(route))
+    page.console.allow = ("status of 422",)     # the browser logs the refused request itself
+    page.set_input_files("#file", str(blank))
+    wait_for(lambda: held or page.wait_for_timeout(50), timeout=10)
+    assert result_is_blank(page) and page.is_hidden("#error") and page.is_visible("#preview")
+    held[0].continue_()
+    page.wait_for_selector("#error:not([hidden])")
+    assert "digit" in page.text_content("#error").lower()
+    page.wait_for_timeout(500)                  # the bars' transition
+    assert result_is_blank(page) and max(bar_heights(page)) < 1
+    assert page.is_visible("#preview")          # the refused image itself stays in view beside the error
+    page.unroute("**/predict")
+    page.screenshot(path=str(SHOTS / "mnist-k8s-page-refused.png"), full_page=True)
 
 
 def test_bad_upload_shows_error(page, tmp_path):

@@ -1,10 +1,15 @@
 """Static checks of docker/train.Dockerfile and docker/infer.Dockerfile (there is no Docker engine in CI):
-digest-pinned multi-stage builds, CPU-only torch installed before the package, a non-root numeric user,
-nothing to compile and no pip cache in the image, and what each image must (not) carry."""
+digest-pinned multi-stage builds, CPU-only torch installed before the package, the dependencies (generated
+from settings.ini) installed before any source is copied, a non-root numeric user, nothing to compile and no
+pip cache in the image, and what each image holds: the packages of its settings.ini extras, and no Jupyter,
+papermill or matplotlib in the inference image."""
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -17,7 +22,11 @@ KINDS = list(DOCKERFILES)
 DIGEST = re.compile(r"^[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 JUPYTER = {"jupyter", "jupyter-core", "jupyter-client", "jupyterlab", "notebook", "ipykernel", "ipython",
-           "papermill", "nbconvert", "nbclient", "nbformat"}
+           "papermill", "nbconvert", "nbclient", "nbformat", "matplotlib", "matplotlib-inline"}
+# The settings.ini keys each image installs: the base requirements, plus the `train` extra for training.
+EXTRAS = {"infer": ["requirements"], "train": ["requirements", "train_requirements"]}
+
+pytestmark = pytest.mark.deploy
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|cc|make|build-essential|python3-dev|libc6-dev|cmake|gfortran)\b")
 
 
@@ -44,6 +53,46 @@ def expand(value: str, stage) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: arg_default(stage, m[1]) or m[0], value)
 
 
+def stage(kind: str, name: str):
+    return next(s for s in stages(DOCKERFILES[kind]) if s.name == name)
+
+
+def build_stage(kind: str): return stage(kind, "build")
+
+
+def generator(kind: str) -> tuple[str, list[str]]:
+    "The requirements stage's command that writes requirements.txt, and the settings.ini keys it reads."
+    (run,) = stage(kind, "requirements").all("RUN")
+    command, sep, target = run.value.rpartition(">")
+    assert sep and target.strip() == "requirements.txt", run.value
+    words = shlex.split(command)
+    assert words[:2] == ["python", "-c"], words
+    return run.value, words[3:]
+
+
+def normalized(name: str) -> str: return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(keys: list[str]) -> set[str]:
+    return {normalized(Requirement(r).name) for k in keys for r in settings_ini()[k].split()}
+
+
+def reachable(names: set[str]) -> set[str]:
+    "The installed distributions `names` depend on, transitively (optional extras left out), with them."
+    seen, todo = set(), list(names)
+    while todo:
+        name = normalized(todo.pop())
+        if name in seen: continue
+        seen.add(name)
+        try: dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError: continue
+        for r in dist.requires or []:
+            r = Requirement(r)
+            if r.marker and not r.marker.evaluate({"extra": ""}): continue
+            todo.append(r.name)
+    return seen
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bases_are_pinned_by_tag_and_digest(kind):
     ss = stages(DOCKERFILES[kind])
@@ -62,7 +111,7 @@ def test_both_images_share_one_base():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_multi_stage_copies_the_venv_only(kind):
-    build, final = stages(DOCKERFILES[kind])[0], stages(DOCKERFILES[kind])[-1]
+    build, final = build_stage(kind), stages(DOCKERFILES[kind])[-1]
     assert build is not final and build.name
     venv = [i for i in final.all("COPY") if copy_args(i)[0].get("from") == build.name]
     assert [copy_args(i)[1:] for i in venv] == [(["/opt/venv"], "/opt/venv")]
@@ -92,17 +141,17 @@ def test_final_stage_environment(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_comes_from_the_cpu_index_before_the_package(kind):
-    build = stages(DOCKERFILES[kind])[0]
+    build = build_stage(kind)
     installs = pip_installs(build)
     torch_i = next(i for i, args in enumerate(installs) if any(a.startswith("torch==") for a in args))
     args = [expand(a, build) for a in installs[torch_i]]
     assert args[args.index("--index-url") + 1] == CPU_INDEX
     assert f"torch=={pinned('requirements', 'torch')}" in args
     assert f"torchvision=={pinned('requirements', 'torchvision')}" in args
-    package_i = next(i for i, args in enumerate(installs) if any(a in (".", ".[train]") for a in args))
+    package_i = next(i for i, args in enumerate(installs) if "." in args)
     assert torch_i < package_i, "torch must be installed from the CPU index before `pip install .`"
-    # no other install may pull torch from another index
-    assert all("--extra-index-url" not in a and "--index-url" not in a for a in installs[package_i:])
+    # no later install may pull torch from another index
+    assert all("--extra-index-url" not in a and "--index-url" not in a for a in installs[torch_i + 1:])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,18 +163,98 @@ def test_no_compilers_and_no_pip_cache_in_the_image(kind):
         for run in s.all("RUN"):
             if "apt-get install" in run.value or "apt install" in run.value:
                 assert not COMPILERS.search(run.value) or s is not final, run.value
-    build = ss[0]
+    build = build_stage(kind)
     no_cache = build.env().get("PIP_NO_CACHE_DIR") in ("1", "true", "on")
     assert no_cache or all("--no-cache-dir" in args for args in pip_installs(build))
 
 
-def test_train_image_carries_papermill_and_the_notebook():
-    ss = stages(DOCKERFILES["train"])
-    assert any(".[train]" in args for args in pip_installs(ss[0]))
-    train_extra = {Requirement(r).name for r in settings_ini()["train_requirements"].split()}
-    assert {"papermill", "ipykernel"} <= train_extra
-    final = ss[-1]
-    notebook = final.env()["MNIST_K8S_TRAIN_NOTEBOOK"]
+@pytest.mark.parametrize("kind", KINDS)
+def test_dependencies_are_installed_before_the_sources_are_copied(kind):
+    """Layer order: CPU torch, then every dependency (a file generated from settings.ini alone, in its own
+    stage), then the sources, then the package without dependencies. Editing the code reuses the first
+    layers; only the last two are rebuilt."""
+    req = stage(kind, "requirements")
+    copies = [copy_args(i) for i in req.all("COPY")]
+    assert copies == [({}, ["settings.ini"], "./")], "the requirements stage sees settings.ini only"
+    build = build_stage(kind)
+    steps = []
+    for i in build.instrs:
+        if i.cmd == "COPY":
+            flags, srcs, dest = copy_args(i)
+            steps.append(("copy-requirements" if flags.get("from") == "requirements" else
+                          "copy-venv" if flags.get("from") else "copy-sources", srcs))
+        elif i.cmd == "RUN":
+            for cmd in re.split(r"&&", i.value):
+                words = shlex.split(cmd)
+                if "install" not in words: continue
+                args = words[words.index("install") + 1:]
+                steps.append(("torch" if any(a.startswith("torch==") for a in args) else
+                              "requirements" if "-r" in args else "package" if "." in args else "other", args))
+    kinds = [k for k, _ in steps]
+    assert kinds == ["torch", "copy-requirements", "requirements", "copy-sources", "copy-sources", "package"], steps
+    (_, (src,)), (_, req_args) = steps[1], steps[2]
+    assert src == "/req/requirements.txt" and req_args[req_args.index("-r") + 1] == "/tmp/requirements.txt"
+    package_args = steps[-1][1]
+    assert package_args == ["--no-deps", "."], package_args
+    # `pip check` right after: the package's own metadata must be satisfied by what the list installed
+    last = build.all("RUN")[-1].value
+    assert "pip install --no-deps ." in last and last.rstrip().endswith("pip check")
+
+
+def setup_arguments(monkeypatch) -> dict:
+    "The keyword arguments setup.py passes to setuptools.setup (run here without building anything)."
+    import runpy
+    import setuptools
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"))
+    return captured
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_requirements_file_is_the_extras_of_settings_ini(kind, tmp_path, monkeypatch):
+    """The requirements stage's own command, run here on settings.ini, writes exactly the requirements of the
+    image's extras: the base list for serving, plus `train_requirements` for training."""
+    command, keys = generator(kind)
+    assert keys == EXTRAS[kind]
+    shutil.copy(ROOT / "settings.ini", tmp_path / "settings.ini")
+    res = subprocess.run(["sh", "-c", command.replace("python -c", f"{shlex.quote(sys.executable)} -c", 1)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    written = (tmp_path / "requirements.txt").read_text().split()
+    assert written == [r for k in keys for r in settings_ini()[k].split()]
+    # the same lists setup.py makes the package's dependencies and its `train` extra (pip install .[train])
+    setup = setup_arguments(monkeypatch)
+    image = {"infer": setup["install_requires"], "train": setup["install_requires"] + setup["extras_require"]["train"]}
+    assert written == image[kind]
+
+
+def test_inference_image_holds_no_jupyter_and_no_plotting():
+    "Nothing the inference image installs is, or depends on, Jupyter, papermill, nbconvert or matplotlib."
+    installs = pip_installs(build_stage("infer"))
+    assert all(not any("[" in a for a in args) for args in installs), "no extras in the inference image"
+    named = {normalized(Requirement(a).name) for args in installs for a in args
+             if not a.startswith("-") and a not in (".", "/tmp/requirements.txt") and not a.startswith("$")}
+    assert not named & JUPYTER, named & JUPYTER
+    _, keys = generator("infer")
+    assert not requirement_names(keys) & JUPYTER
+    tree = reachable(requirement_names(keys))
+    assert {"torch", "fastapi", "uvicorn"} <= tree, "the base requirements are not installed here"
+    assert not tree & JUPYTER, tree & JUPYTER
+    assert not any("nbs/" in i.value for s in stages(DOCKERFILES["infer"]) for i in s.all("COPY"))
+
+
+def test_training_image_holds_papermill_its_kernel_and_the_notebook():
+    _, keys = generator("train")
+    names = requirement_names(keys)
+    assert {"papermill", "ipykernel", "nbconvert", "matplotlib"} <= names
+    assert {"matplotlib-inline", "jupyter-client"} <= reachable(names)  # the kernel's figure backend
+    final = stages(DOCKERFILES["train"])[-1]
+    env = final.env()
+    # ipykernel picks the inline backend (figures in the report) only when MPLBACKEND is unset
+    assert "MPLBACKEND" not in env
+    notebook = env["MNIST_K8S_TRAIN_NOTEBOOK"]
     copies = {dest: src for i in final.all("COPY") if not copy_args(i)[0].get("from")
               for (src,), dest in [copy_args(i)[1:]]}
     assert copies.get(notebook) == "nbs/train.ipynb"
@@ -133,34 +262,6 @@ def test_train_image_carries_papermill_and_the_notebook():
     user_at = final.instrs.index(final.all("USER")[-1])
     checks = [i for i in final.instrs[user_at:] if i.cmd == "RUN" and "find_kernel_specs" in i.value]
     assert checks and "'python3'" in checks[0].value
-
-
-def test_infer_image_installs_no_jupyter():
-    ss = stages(DOCKERFILES["infer"])
-    package_installs = [args for args in pip_installs(ss[0]) if not any(a.startswith("torch") for a in args)]
-    assert package_installs == [["."]], "the inference image installs the package without extras"
-    assert not any("nbs/" in i.value for s in ss for i in s.all("COPY"))
-    base = [Requirement(r) for r in settings_ini()["requirements"].split()]
-    assert not {r.name.lower() for r in base} & JUPYTER
-
-
-def test_base_requirements_do_not_pull_jupyter_in():
-    "Walk the installed dependency tree of the base requirements: no Jupyter package is reachable."
-    seen, todo, reached = set(), [Requirement(r) for r in settings_ini()["requirements"].split()], set()
-    while todo:
-        req = todo.pop()
-        name = req.name.lower().replace("_", "-")
-        if name in seen: continue
-        seen.add(name)
-        try: dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError: continue
-        reached.add(name)
-        for r in dist.requires or []:
-            r = Requirement(r)
-            if r.marker and not r.marker.evaluate({"extra": ""}): continue  # optional extras
-            todo.append(r)
-    assert {"torch", "fastapi", "uvicorn"} <= reached, "the base requirements are not installed here"
-    assert not reached & JUPYTER, reached & JUPYTER
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -182,7 +283,7 @@ def test_copy_sources_exist_and_reach_the_build_context(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_package_is_installed_from_its_build_files(kind):
     "`pip install .` needs the nbdev build files and the package folder (templates and static included)."
-    copied = {src for i in stages(DOCKERFILES[kind])[0].all("COPY") for src in copy_args(i)[1]}
+    copied = {src for i in build_stage(kind).all("COPY") for src in copy_args(i)[1]}
     assert {"setup.py", "settings.ini", "pyproject.toml", "MANIFEST.in", "README.md", "mnist_k8s/"} <= copied
     manifest = (ROOT / "MANIFEST.in").read_text()
     assert "recursive-include mnist_k8s/templates" in manifest and "recursive-include mnist_k8s/static" in manifest

@@ -36,9 +36,8 @@ import pytest
 import torch
 
 from mnist_k8s import store
-from _proof_fixtures import http_request, raw_http, serve_copy, server_for, trained  # noqa: F401
-from _serve_fixtures import RELOAD, Server, copy_version, mnist_test_digits, wait_for
-from _train_fixtures import SAMPLE, cli, cli_env, kill_tree
+from helpers import (cli, cli_env, copy_version, http_request, kill_tree, mnist_test_digits, raw_http, RELOAD, SAMPLE,
+                     serve_copy, Server, server_for, wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 TICK = 10 * RELOAD + 5          # long enough for the server to notice a change in the store

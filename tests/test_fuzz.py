@@ -21,8 +21,8 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance  # noqa: E402
 
-from _proof_fixtures import serve_copy, trained  # noqa: E402,F401
-from mnist_k8s.app import create_app  # noqa: E402
+from helpers import serve_copy  # noqa: E402
+from mnist_k8s.api import create_app  # noqa: E402
 from mnist_k8s.config import Settings  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)

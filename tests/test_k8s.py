@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
-import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +13,9 @@ import yaml
 from _deploy_fixtures import (CHECKOV_VERSION, DOCKERFILES, OVERLAYS, ROOT, all_containers, checkov_executable,
                               console_script, container, downward_cpu, env_map, find, mount_of, pod_spec,
                               pod_template_labels, profile, quantity, rendered, rendered_text, settings_ini,
-                              skaffold, stages, wait_hook, workloads)
+                              skaffold, stages, with_profile, deploy_hook, workloads)
+
+pytestmark = pytest.mark.deploy
 
 K8S_VERSIONS = ["1.30", "1.31", "1.32", "1.33"]
 MOUNT = "/var/lib/mnist-k8s"   # where the shared volume is mounted in both images
@@ -29,6 +28,7 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
 
 def job(objs): return find(objs, "Job")
 def deployment(objs): return find(objs, "Deployment")
+def autoscaler(objs): return find(objs, "HorizontalPodAutoscaler")
 
 
 # ---- rendering and schema validation ---------------------------------------------------------------
@@ -36,7 +36,7 @@ def deployment(objs): return find(objs, "Deployment")
 def test_overlay_renders_the_whole_application(overlay):
     kinds = sorted(o["kind"] for o in rendered(overlay))
     for kind in ["Namespace", "ServiceAccount", "PersistentVolumeClaim", "Job", "Deployment", "Service",
-                 "PodDisruptionBudget", "NetworkPolicy"]:
+                 "PodDisruptionBudget", "NetworkPolicy", "HorizontalPodAutoscaler"]:
         assert kind in kinds, f"{overlay}: no {kind}"
     namespaced = [o for o in rendered(overlay) if o["kind"] not in ("Namespace", "PersistentVolume")]
     assert {o["metadata"].get("namespace") for o in namespaced} == {"mnist-k8s"}
@@ -90,6 +90,7 @@ def test_checkov_skips_are_deliberate():
     assert not annotation_skips("gke"), "the gke overlay is audited without per-object skips"
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing(tmp_path):
     "checkov's Kubernetes and Dockerfile policies on both rendered overlays and both Dockerfiles."
     files = []
@@ -215,9 +216,12 @@ def test_skaffold_profiles_pick_the_overlays():
     cfg = skaffold()
     assert cfg["manifests"]["kustomize"]["paths"] == ["k8s/overlays/local"]
     assert cfg["build"]["local"]["push"] is False  # local clusters use the local daemon's images
-    gke = profile("gke")
+    gke = with_profile("gke")
     assert gke["manifests"]["kustomize"]["paths"] == ["k8s/overlays/gke"]
     assert gke["build"]["local"]["push"] is True   # to the registry given by --default-repo
+    # the profile changes push alone: the local build's other settings stay
+    assert {k: v for k, v in gke["build"]["local"].items() if k != "push"} == \
+        {k: v for k, v in cfg["build"]["local"].items() if k != "push"}
     assert "googleCloudBuild" in profile("cloudbuild")["build"]
     for p in [cfg["manifests"], gke["manifests"]]:
         for path in p["kustomize"]["paths"]: assert (ROOT / path / "kustomization.yaml").is_file()
@@ -239,78 +243,24 @@ def test_redeploys_replace_the_job():
     assert "--force" in skaffold()["deploy"]["kubectl"]["flags"]["apply"]
 
 
-def test_deploy_hook_waits_for_the_rendered_job_and_deployment():
-    hook = wait_hook()
-    assert hook.module == "mnist_k8s.kube" and (ROOT / "mnist_k8s" / "kube.py").is_file()
-    namespace, job_name, timeout, *deployments = hook.args
+def test_deploy_hooks_name_the_rendered_objects():
+    "`python3 -m mnist_k8s.kube wait` waits for the Job and Deployment the overlay renders, in its namespace."
     assert skaffold()["deploy"]["statusCheck"] is False  # the hook checks Job then Deployment, in order
-    for overlay in OVERLAYS:
+    for overlay, cfg in [("local", skaffold()), ("gke", with_profile("gke"))]:
+        hook = deploy_hook("after", cfg)
+        assert hook.module == "mnist_k8s.kube" and (ROOT / "mnist_k8s" / "kube.py").is_file()
+        assert hook.args[0] == "wait"
+        opts: dict[str, list[str]] = {}
+        for flag, value in zip(hook.args[1::2], hook.args[2::2]): opts.setdefault(flag, []).append(value)
         objs = rendered(overlay)
         j = job(objs)
-        assert (j["metadata"]["namespace"], j["metadata"]["name"]) == (namespace, job_name)
-        assert deployments == [deployment(objs)["metadata"]["name"]]
+        assert (opts["--namespace"], opts["--job"]) == ([j["metadata"]["namespace"]], [j["metadata"]["name"]])
+        assert opts["--deployment"] == [deployment(objs)["metadata"]["name"]]
         # the hook must not give up while the Job may still run
-        assert int(timeout) >= j["spec"]["activeDeadlineSeconds"]
-
-
-# ---- the wait hook as Skaffold runs it: a process with only the standard library, against a fake kubectl ----
-FAKE_KUBECTL = textwrap.dedent("""\
-        # Records its arguments; answers `get job` from FAKE_STATE: one line of condition types per call
-    # ("-" for none yet), the last line repeating.
-    import json, os, sys
-    args = sys.argv[1:]
-    with open(os.environ["FAKE_LOG"], "a") as f: f.write(" ".join(args) + "\\n")
-    if "get" in args:
-        calls = sum(" get job " in f" {l} " for l in open(os.environ["FAKE_LOG"]))
-        states = open(os.environ["FAKE_STATE"]).read().split("\\n")[:-1]
-        line = states[min(calls, len(states)) - 1]
-        conds = [] if line == "-" else [{"type": t, "status": "True", "reason": "BackoffLimitExceeded",
-                                        "message": "Job has reached the specified backoff limit"}
-                                       for t in line.split()]
-        print(json.dumps({"status": {"conditions": conds}}))
-    elif "logs" in args: print("Traceback: CUDA is not available (a fake training error)")
-    elif "rollout" in args: print("deployment successfully rolled out")
-    """)
-
-
-def run_hook(tmp_path, states: list[str], timeout="60", context=None, extra=("mnist-k8s-infer",)):
-    import sys
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "kubectl"
-    fake.write_text(f"#!{sys.executable}\n" + FAKE_KUBECTL)
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    (tmp_path / "state").write_text("\n".join(states) + "\n")
-    # Only the repository on the path, as on a machine that deploys without installing the package.
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
-           "FAKE_STATE": str(tmp_path / "state"), "WAIT_FOR_JOB_INTERVAL": "0.1", "PYTHONNOUSERSITE": "1"}
-    if context: env["SKAFFOLD_KUBE_CONTEXT"] = context
-    res = subprocess.run([sys.executable, "-S", "-m", "mnist_k8s.kube", "mnist-k8s", "mnist-k8s-train", timeout,
-                          *extra], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
-    calls = (tmp_path / "log").read_text().splitlines() if (tmp_path / "log").exists() else []
-    return res, calls
-
-
-def test_hook_waits_until_the_job_completes_then_for_the_rollout(tmp_path):
-    res, calls = run_hook(tmp_path, ["-", "-", "SuccessCriteriaMet Complete"], context="kind-kind")
-    assert res.returncode == 0, res.stderr
-    gets = [c for c in calls if " get job " in f" {c} "]
-    assert len(gets) == 3
-    assert calls[-1].split() == ["--context", "kind-kind", "--namespace", "mnist-k8s", "rollout", "status",
-                                 "deployment/mnist-k8s-infer", "--timeout=300s"]
-
-
-def test_hook_fails_fast_with_the_reason_when_the_job_fails(tmp_path):
-    res, calls = run_hook(tmp_path, ["-", "FailureTarget Failed"])
-    assert res.returncode == 1
-    assert "BackoffLimitExceeded" in res.stderr and "fake training error" in res.stderr
-    assert not any("rollout" in c for c in calls)
-    assert all("--context" not in c for c in calls)  # no Skaffold context: kubectl's current one
-
-
-def test_hook_gives_up_after_its_timeout(tmp_path):
-    res, _ = run_hook(tmp_path, ["-"], timeout="1")
-    assert res.returncode == 1 and "did not finish within 1s" in res.stderr
+        assert "--timeout" not in opts or float(opts["--timeout"][0]) >= j["spec"]["activeDeadlineSeconds"]
+        before = deploy_hook("before", cfg)
+        assert before.module == "mnist_k8s.kube" and before.args[:3] == ["preflight", "--manifests",
+                                                                          cfg["manifests"]["kustomize"]["paths"][0]]
 
 
 # ---- security --------------------------------------------------------------------------------------------
@@ -470,6 +420,17 @@ def test_writable_paths_are_volumes(overlay):
                 assert any(env[k] == m or env[k].startswith(m + "/") for m in mounts), f"{k}={env[k]}"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_shared_memory_volume(overlay):
+    "Training makes its batches in its own process (no DataLoader workers): nothing needs a /dev/shm volume."
+    for w in workloads(rendered(overlay)):
+        for c in all_containers(pod_spec(w)):
+            assert all(m["mountPath"] != "/dev/shm" for m in c.get("volumeMounts", [])), w["metadata"]["name"]
+        assert not [v for v in pod_spec(w).get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
+    code = [p.read_text() for p in (ROOT / "mnist_k8s").glob("*.py")] + [(ROOT / "nbs" / "train.ipynb").read_text()]
+    assert not [t for t in code if "DataLoader" in t or "num_workers" in t], "worker processes need /dev/shm"
+
+
 def test_commands_are_cli_subcommands():
     from mnist_k8s.cli import build_parser
     for overlay in OVERLAYS:
@@ -498,25 +459,23 @@ def test_ports_and_probes_match_the_app(overlay):
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 60
     svc = find(objs, "Service")
     assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
-    if not (ROOT / "mnist_k8s" / "app.py").exists():
-        pytest.skip("mnist_k8s/app.py is not exported yet (08_app): probe paths not checked against routes")
-    from mnist_k8s.app import create_app
-    routes = {getattr(r, "path", None) for r in create_app().routes}
-    assert {"/healthz", "/readyz", "/predict"} <= routes, sorted(r for r in routes if r)
+    # that the server answers these paths on this port is what tests/test_contract.py checks, live
 
 
-def test_threads_and_processes_follow_the_cpu_limit():
-    """The training Job's MNIST_K8S_TORCH_THREADS and the server's MNIST_K8S_WORKERS are the container's own CPU
-    limit, rounded up by the downward API."""
+def test_threads_follow_the_cpu_limit_and_a_pod_runs_one_server_process():
+    """The training Job's MNIST_K8S_TORCH_THREADS is the container's own CPU limit, rounded up by the downward
+    API; the server runs one process per pod (MNIST_K8S_WORKERS=1): the autoscaler scales by pods."""
     from mnist_k8s.config import Settings
     for overlay in OVERLAYS:
-        for w in workloads(rendered(overlay)):
-            c = container(w)
-            field = "torch_threads" if w["kind"] == "Job" else "workers"
-            ref = env_map(c)[f"MNIST_K8S_{field.upper()}"]["valueFrom"]["resourceFieldRef"]
-            assert (ref["containerName"], ref["resource"], str(ref["divisor"])) == (c["name"], "limits.cpu", "1")
-            n = downward_cpu(c["resources"]["limits"]["cpu"], ref["divisor"])
-            assert n >= 1 and getattr(Settings(_env_file=None, **{field: n}), field) == n
+        objs = rendered(overlay)
+        c = container(job(objs))
+        ref = env_map(c)["MNIST_K8S_TORCH_THREADS"]["valueFrom"]["resourceFieldRef"]
+        assert (ref["containerName"], ref["resource"], str(ref["divisor"])) == (c["name"], "limits.cpu", "1")
+        n = downward_cpu(c["resources"]["limits"]["cpu"], ref["divisor"])
+        assert n >= 1 and Settings(_env_file=None, torch_threads=n).torch_threads == n
+        workers = env_map(container(deployment(objs)))["MNIST_K8S_WORKERS"]
+        assert workers == {"name": "MNIST_K8S_WORKERS", "value": "1"}, workers
+        assert Settings(_env_file=None, workers=int(workers["value"])).workers == 1
     assert downward_cpu("500m") == 1 and downward_cpu("1500m") == 2 and downward_cpu("2") == 2
 
 
@@ -526,14 +485,13 @@ def test_serving_stays_available(overlay):
     objs = rendered(overlay)
     d = deployment(objs)
     spec, c = d["spec"], container(d)
-    assert spec["replicas"] >= 2
+    assert autoscaler(objs)["spec"]["minReplicas"] >= 2
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod_labels = pod_template_labels(d)
     selector = spec["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
     pdb = find(objs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == selector
-    assert 1 <= pdb["spec"]["minAvailable"] < spec["replicas"]
     svc = find(objs, "Service")
     assert svc["spec"]["selector"] == selector
     (spread,) = pod_spec(d)["topologySpreadConstraints"]
@@ -573,15 +531,72 @@ def test_objects_carry_the_recommended_labels():
             assert tl["app.kubernetes.io/component"] == w["metadata"]["labels"]["app.kubernetes.io/component"]
 
 
+# ---- scale-out ----------------------------------------------------------------------------------------------
+CAPACITY = "capacity.mnist-k8s.io/"   # the HPA's annotations: the measured capacity it is derived from
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_agrees_with_the_deployment_and_the_disruption_budget(overlay):
+    objs = rendered(overlay)
+    d, hpa, pdb = deployment(objs), autoscaler(objs), find(objs, "PodDisruptionBudget")
+    c = container(d)
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", d["metadata"]["name"])
+    assert hpa["metadata"]["namespace"] == d["metadata"]["namespace"]
+    # the autoscaler owns the replica count: a `replicas` here would reset it on every `kubectl apply`
+    assert "replicas" not in d["spec"]
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert 2 <= low < high
+    # disruptions take one pod at a time, whatever the count: at the minimum one pod keeps serving
+    assert "minAvailable" not in pdb["spec"] and pdb["spec"]["maxUnavailable"] == 1 < low
+    # rolling updates: never fewer ready pods than the autoscaler asked for, one extra pod at a time
+    rolling = d["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] == 1
+    # one server process per pod, so that a pod is the unit the capacity figures describe
+    assert env_map(c)["MNIST_K8S_WORKERS"]["value"] == "1"
+    # the metric: the server container's own CPU, as an amount (the local overlay lowers the request, and
+    # a Utilization target would be a share of that request; on GKE the pod also holds the gcsfuse sidecar)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "ContainerResource"
+    target = metric["containerResource"]
+    assert target["name"] == "cpu" and target["container"] == c["name"]
+    assert target["target"]["type"] == "AverageValue" and set(target["target"]) == {"type", "averageValue"}
+    limit, request = (quantity(c["resources"][k]["cpu"]) for k in ("limits", "requests"))
+    assert 0 < quantity(target["target"]["averageValue"]) < limit
+    if overlay != "local":  # a real cluster reserves the CPU the capacity was measured with, and the
+        assert request == limit  # autoscaler adds pods before they use all of it
+        assert quantity(target["target"]["averageValue"]) < request
+    assert hpa == autoscaler(rendered("local")) or overlay == "local"  # the same autoscaler everywhere
+
+
+def test_autoscaler_follows_the_measured_capacity():
+    """maxReplicas and the CPU target are computed from the capacity recorded in the annotations, the way
+    bench/capacity.py computes them, for pods of the size the Deployment has."""
+    import math
+    objs = rendered("gke")
+    hpa, c = autoscaler(objs), container(deployment(objs))
+    a = {k[len(CAPACITY):]: v for k, v in hpa["metadata"]["annotations"].items() if k.startswith(CAPACITY)}
+    assert set(a) == {"requests-per-second-per-pod", "cpu-per-pod-at-capacity", "headroom",
+                      "peak-requests-per-second"}, a
+    rps, cpu, headroom, peak = (float(a["requests-per-second-per-pod"]), quantity(a["cpu-per-pod-at-capacity"]),
+                                float(a["headroom"]), float(a["peak-requests-per-second"]))
+    assert rps > 0 and 0 < headroom < 1 and peak > 0
+    assert 0 < cpu <= quantity(c["resources"]["limits"]["cpu"])  # measured on a pod of this size
+    target = hpa["spec"]["metrics"][0]["containerResource"]["target"]["averageValue"]
+    assert round(quantity(target) * 1000) == int(round(headroom * cpu * 1000, 6)) // 10 * 10, target
+    assert hpa["spec"]["maxReplicas"] == max(2, math.ceil(peak / (headroom * rps)))
+
+
 # ---- the overlays' differences ----------------------------------------------------------------------------
 def test_local_overlay_suits_a_one_node_cluster():
     objs = rendered("local")
     pvc = find(objs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in pvc["spec"]
     assert find(objs, "Service")["spec"]["type"] == "ClusterIP"
-    requests = sum(quantity(container(w)["resources"]["requests"]["cpu"]) * w["spec"].get("replicas", 1)
+    replicas = {"Job": 1, "Deployment": autoscaler(objs)["spec"]["minReplicas"]}
+    requests = sum(quantity(container(w)["resources"]["requests"]["cpu"]) * replicas[w["kind"]]
                    for w in workloads(objs))
-    assert requests <= 1.0  # training and both replicas fit on a laptop cluster with ~2 CPUs
+    assert requests <= 1.0  # training and the minimum of serving replicas fit a laptop cluster with ~2 CPUs
 
 
 def test_gke_overlay_shares_a_bucket_across_nodes():

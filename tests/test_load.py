@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from _proof_fixtures import BOUNDARY, RssSampler, form_type, multipart, part, serve_copy, trained  # noqa: F401
-from _serve_fixtures import mnist_test_digits
+from helpers import BOUNDARY, form_type, mnist_test_digits, multipart, part, RssSampler, serve_copy
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(300)]
 

@@ -23,8 +23,8 @@ import torch
 
 import mnist_k8s
 from mnist_k8s import store
-from _proof_fixtures import form_type, http_request, multipart, part, raw_http, serve_copy, trained  # noqa: F401
-from _serve_fixtures import RELOAD, Server, copy_version, encode, mnist_test_digits, wait_for
+from helpers import (copy_version, encode, form_type, http_request, mnist_test_digits, multipart, part, raw_http,
+                     RELOAD, serve_copy, Server, wait_for)
 
 pytestmark = pytest.mark.timeout(300)
 TICK = 10 * RELOAD + 5
@@ -191,21 +191,26 @@ def test_page_escapes_metadata_and_request_text(trained, tmp_path):
 
 
 def test_report_cannot_run_scripts(trained, tmp_path):
-    """A report written by a hostile training job: its scripts are stripped when the server renders it, and
-    an HTML report is served under a CSP `sandbox` without script permission, so nothing in it runs."""
+    """A report written by a hostile training job: the pipeline strips its scripts when it renders the report
+    at publish time, the server only sends that file, under a CSP `sandbox` without script permission, so
+    nothing in it runs; and a version published without its rendered report gets a 404, never a rendering."""
+    from mnist_k8s.pipeline import render_html
     models = tmp_path / "models"
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "a", "metadata": {}, "execution_count": 1, "source": "1",
+         "outputs": [{"output_type": "display_data", "metadata": {},
+                      "data": {"text/html": "<script>alert(1)</script><b>ok</b><SCRIPT >alert(4)</SCRIPT >"}},
+                     {"output_type": "display_data", "metadata": {},
+                      "data": {"text/html": "<scr<script>x</script>ipt>alert(5)</script>"}},
+                     {"output_type": "display_data", "metadata": {}, "data": {"application/javascript": "alert(2)"}}]},
+        {"cell_type": "markdown", "id": "b", "metadata": {}, "source": "<script>alert(3)</script> *text*"}]}
     def html_report(folder: Path):
         (folder / store.REPORT_HTML).write_text(f"<html><body><script>alert(1)</script>{XSS}</body></html>")
-    def notebook_report(folder: Path):
+    def rendered_report(folder: Path):                  # what the pipeline publishes
+        (folder / store.REPORT_FILE).write_text(json.dumps(nb))
+        (folder / store.REPORT_HTML).write_text(render_html(folder / store.REPORT_FILE))
+    def notebook_only(folder: Path):
         (folder / store.REPORT_HTML).unlink()
-        nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-            {"cell_type": "code", "id": "a", "metadata": {}, "execution_count": 1, "source": "1",
-             "outputs": [{"output_type": "display_data", "metadata": {},
-                          "data": {"text/html": "<script>alert(1)</script><b>ok</b><SCRIPT >alert(4)</SCRIPT >"}},
-                         {"output_type": "display_data", "metadata": {},
-                          "data": {"text/html": "<scr<script>x</script>ipt>alert(5)</script>"}},
-                         {"output_type": "display_data", "metadata": {}, "data": {"application/javascript": "alert(2)"}}]},
-            {"cell_type": "markdown", "id": "b", "metadata": {}, "source": "<script>alert(3)</script> *text*"}]}
         (folder / store.REPORT_FILE).write_text(json.dumps(nb))
     with serve_copy(trained, models) as s:
         v = publish_with(trained, models, html_report)
@@ -214,11 +219,15 @@ def test_report_cannot_run_scripts(trained, tmp_path):
         csp = r.headers["content-security-policy"]
         assert r.status_code == 200 and "sandbox" in csp and "default-src 'none'" in csp and "script-src" not in csp
         assert "allow-scripts" not in csp
-        v = publish_with(trained, models, notebook_report)
+        v = publish_with(trained, models, rendered_report)
         wait_for(lambda: s.version() == v, timeout=TICK)
         r = s.get("/report")
         assert r.status_code == 200 and "<b>ok</b>" in r.text and "<script" not in r.text.lower(), r.text[-2000:]
         assert "sandbox" in r.headers["content-security-policy"]
+        v = publish_with(trained, models, notebook_only)
+        wait_for(lambda: s.version() == v, timeout=TICK)
+        r = s.get("/report")
+        assert (r.status_code, r.json()["error"]) == (404, "no_report") and v in r.json()["detail"], r.text
 
 
 # ------------------------------------------------------------------ only tensors are unpickled
@@ -344,7 +353,7 @@ def test_security_headers_on_every_route(server, name):
 def _head(port: int):
     "HEAD has headers and no body: read up to the blank line."
     import socket
-    from _proof_fixtures import _parse
+    from helpers import parse_reply as _parse
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(http_request("HEAD", "/"))
         data = b""

@@ -15,13 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _serve_fixtures import (RELOAD, Server, bad_uploads, copy_version, latest, mnist_test_digits, publish_corrupt,
-                             trained_model_dir, wait_for)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_model_dir(tmp_path_factory.getbasetemp())
+from helpers import bad_uploads, copy_version, latest, mnist_test_digits, publish_corrupt, RELOAD, Server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,8 @@ def test_predicts_real_mnist_digits(server, trained):
         r = server.post("/predict", files=png_file(data))
         assert r.status_code == 200, r.text
         j = r.json()
-        assert set(j) == {"digit", "probabilities", "version", "inference_ms"}
+        assert set(j) == {"digit", "probabilities", "confidence", "confident", "version", "inference_ms"}
+        assert j["confidence"] == max(j["probabilities"]) and isinstance(j["confident"], bool)
         assert len(j["probabilities"]) == 10 and abs(sum(j["probabilities"]) - 1) < 1e-3
         assert j["digit"] == max(range(10), key=j["probabilities"].__getitem__)
         assert j["version"] == latest(trained)
@@ -101,7 +96,7 @@ def test_request_errors(server):
         "json": (server.post("/predict", json={"file": "x"}), 415, "unsupported_media_type"),
         "bad multipart": (server.post("/predict", content=b"--b\r\nnot a part",
                                       headers={"content-type": "multipart/form-data; boundary=b"}), 400, "bad_multipart"),
-        "two files": (server.post("/predict", files=[("file", ("a.png", digit)), ("file", ("b.png", digit))]),
+        "two files": (two := server.post("/predict", files=[("file", ("a.png", digit)), ("file", ("b.png", digit))]),
                       413, "too_many_files"),
         "too many batch files": (server.post("/predict/batch", files=[("files", ("a.png", digit))] * 33),
                                  413, "too_many_files"),
@@ -110,6 +105,7 @@ def test_request_errors(server):
     }
     for what, (r, status, kind) in cases.items():
         assert (r.status_code, r.json()["error"]) == (status, kind), (what, r.status_code, r.text)
+    assert "/predict/batch" in two.json()["detail"]             # the 413 says where several files go
 
 
 def read_reply(s: socket.socket) -> str:
@@ -297,39 +293,36 @@ def _workers(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _listening(pid: int, port: int) -> set[int]:
-    "Inodes of the sockets `pid` has open that listen on TCP `port`."
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port: listening.add(int(f[9]))
-    fds = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try: target = os.readlink(fd)
-        except OSError: continue
-        if target.startswith("socket:["): fds.add(int(target[8:-1]))
-    return fds & listening
-
-
 def test_workers_are_forked_replaced_and_stopped(trained, tmp_path):
+    """Several processes: gunicorn's arbiter forks the workers from the app it built (same command line, no
+    fresh interpreter), replaces one that dies, and on SIGTERM stops them all and exits 0."""
     v = copy_version(trained, tmp_path)
     with Server(tmp_path, workers=2) as s:
         wait_for(lambda: s.version() == v and len(_workers(s.proc.pid)) == 2)
         first = _workers(s.proc.pid)
         parent_cmd = Path(f"/proc/{s.proc.pid}/cmdline").read_bytes()
-        for pid in first:    # forked from the server (same command line), not spawned interpreters
-            assert Path(f"/proc/{pid}/cmdline").read_bytes() == parent_cmd
-        # each worker listens on a socket of its own (SO_REUSEPORT: the kernel spreads connections over them)
-        own = [_listening(pid, s.port) for pid in first]
-        assert all(len(o) == 1 for o in own) and own[0] != own[1], own
-        assert not _listening(s.proc.pid, s.port)
-        os.kill(first[0], signal.SIGKILL)    # a worker dies: the supervisor forks a replacement
+        assert all(Path(f"/proc/{pid}/cmdline").read_bytes() == parent_cmd for pid in first)
+        os.kill(first[0], signal.SIGKILL)    # a worker dies: the arbiter forks a replacement
         wait_for(lambda: len(kids := _workers(s.proc.pid)) == 2 and first[0] not in kids, timeout=30)
-        replacement = next(pid for pid in _workers(s.proc.pid) if pid not in first)
-        assert Path(f"/proc/{replacement}/cmdline").read_bytes() == parent_cmd
+        wait_for(lambda: all(s.get("/readyz").status_code == 200 for _ in range(6)), timeout=30)
         rs = [s.post("/predict", files=png_file(d)) for d, _ in mnist_test_digits(10)]
         assert all(r.status_code == 200 and r.json()["version"] == v for r in rs), [r.text for r in rs]
+        metrics = s.get("/metrics").text       # the dead worker's live gauges are gone (mark_process_dead)
+        assert f'pid="{first[0]}"' not in metrics and metrics.count(f'version="{v}"}} 1.0') == 2, metrics
         workers = _workers(s.proc.pid)
-        assert s.stop() == 0                 # SIGTERM: the workers drain and exit, then the server exits 0
+        assert s.stop() == 0                 # SIGTERM: the workers drain and exit, then the arbiter exits 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_store_gauge_is_true_from_the_first_scrape(trained, tmp_path, workers):
+    "`mnist_model_store_ok` agrees with `/readyz` from the first scrape on, in every process."
+    v = copy_version(trained, tmp_path)
+    with Server(tmp_path, workers=workers) as s:
+        scrapes = [s.get("/metrics").text for _ in range(8)]
+        assert all("\nmnist_model_store_ok 1.0\n" in m for m in scrapes), [m[-400:] for m in scrapes]
+        assert s.get("/readyz").json() == {"status": "ready", "version": v, "store": "ok"}
+        (tmp_path / "latest").write_text("no such version\n")        # the store goes bad
+        wait_for(lambda: s.get("/readyz").json().get("store") == "degraded", timeout=10 * RELOAD + 5)
+        wait_for(lambda: all("\nmnist_model_store_ok 0.0\n" in s.get("/metrics").text for _ in range(6)),
+                 timeout=10 * RELOAD + 5)

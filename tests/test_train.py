@@ -55,17 +55,19 @@ def test_model_shapes_and_rebuild(n):
         assert torch.equal(again.eval()(x), out)
 
 
-def test_tiny_training_beats_chance(sample_root, tmp_path):
+def test_tiny_training_learns(sample_root, tmp_path):
+    "Two epochs of a tiny net on 1000 digits: from chance to 89-94% test accuracy (seeds 0-7); below 85% is a bug."
     torch.manual_seed(0)
     before = evaluate(build_model(**TINY), load_mnist(sample_root, train=False, limit=500)).accuracy
     res = train_model(sample_root, tmp_path, epochs=2, batch_size=50, lr=1e-2, limit=1000, test_limit=500,
                       arch=TINY, threads=1, progress=False)
-    assert before < 0.3 and res.evaluation.accuracy > 0.6, (before, res.history)
-    assert res.history[1]["loss"] < res.history[0]["loss"]
+    assert before < 0.3 and res.evaluation.accuracy >= 0.85, (before, res.history)
+    assert res.history[1]["loss"] < 0.7 * res.history[0]["loss"], res.history     # about halves with every seed
     assert res.checkpoint.is_file()
     m = res.metadata
     assert m["dataset"] == dict(train_size=1000, test_size=500)
     assert len(m["confusion_matrix"]) == 10 and sum(map(sum, m["confusion_matrix"])) == 500
+    assert sum(m["confusion_matrix"][d][d] for d in range(10)) == round(500 * m["test_accuracy"])
     assert len(m["misclassified"]) == round(500 * (1 - m["test_accuracy"]))
     assert set(m["libraries"]) >= {"torch", "torchvision", "python", "mnist_k8s"}
     version = publish_model(tmp_path, res)

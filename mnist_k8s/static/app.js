@@ -112,6 +112,8 @@
     const mine = ++seq;
     const form = new FormData();
     form.append("file", blob, name);
+    clearResult();                      // never show the previous answer beside a new image
+    $("confidence").textContent = "Reading\u2026";
     setBusy(true);
     try {
       const res = await fetch(root + "/predict", { method: "POST", body: form });
@@ -130,38 +132,52 @@
   function showResult(r) {
     $("error").hidden = true;
     const best = r.digit;
+    const sure = r.confident !== false;                 // servers without the flag answer only when sure
+    const p = typeof r.confidence === "number" ? r.confidence : r.probabilities[best];
     const digit = $("digit");
-    digit.textContent = String(best);
+    digit.textContent = sure ? String(best) : "?";
     digit.classList.add("has");
-    const p = r.probabilities[best];
-    $("confidence").textContent = `It's a ${best} (${(p * 100).toFixed(1)}% sure)`;
-    $("timing").textContent = `model ${r.version} · ${r.inference_ms.toFixed(1)} ms`;
+    digit.classList.toggle("unsure", !sure);
+    $("confidence").textContent = sure ? `It's a ${best} (${(p * 100).toFixed(1)}% sure)` : "Not sure: is this one digit?";
+    $("timing").textContent = (sure ? "" : `if it is a digit, most likely a ${best} · `) +
+      `model ${r.version} · ${r.inference_ms.toFixed(1)} ms`;
+    $("chart").classList.toggle("unsure", !sure);
     bars.forEach((bar, i) => {
       const v = r.probabilities[i];
       bar.querySelector(".fill").style.height = `${Math.max(v * 100, 0)}%`;
       bar.querySelector(".pct").textContent = v >= 0.995 ? "100%" : v >= 0.001 ? `${(v * 100).toFixed(1)}%` : "0%";
-      bar.classList.toggle("top", i === best);
+      bar.classList.toggle("top", sure && i === best);
       bar.title = `${i}: ${(v * 100).toFixed(2)}%`;
     });
     $("chart").setAttribute("aria-label", "Probabilities: " + r.probabilities.map((v, i) => `${i} ${(v * 100).toFixed(1)}%`).join(", "));
   }
 
-  function resetResult() {
-    seq++;
-    hidePreview();
+  function clearResult() {
     $("error").hidden = true;
     $("digit").textContent = "?";
-    $("digit").classList.remove("has");
-    $("confidence").textContent = "Draw or upload a digit to see what the model thinks.";
+    $("digit").classList.remove("has", "unsure");
+    $("confidence").textContent = "";
     $("timing").textContent = "";
+    $("chart").classList.remove("unsure");
+    $("chart").setAttribute("aria-label", "Probability of each digit");
     bars.forEach((bar) => {
       bar.querySelector(".fill").style.height = "0%";
       bar.querySelector(".pct").textContent = "\u00a0";
       bar.classList.remove("top");
+      bar.removeAttribute("title");
     });
   }
 
+  function resetResult() {
+    seq++;
+    setBusy(false);
+    hidePreview();
+    clearResult();
+    $("confidence").textContent = "Draw or upload a digit to see what the model thinks.";
+  }
+
   function showError(msg) {
+    clearResult();                      // only the error: no answer, no chart
     const el = $("error");
     el.textContent = msg;
     el.hidden = false;
