@@ -195,7 +195,8 @@ class ErrorBody(BaseModel):
 class PredictionBody(BaseModel):
     digit: int = Field(ge=0, le=9)
     probabilities: list[float] = Field(min_length=10, max_length=10, description="one per digit, summing to 1")
-    confidence: float = Field(ge=0, le=1, description="the probability of `digit`")
+    confidence: float = Field(ge=0, le=1, description="the probability that `digit` is right, counting the "
+                                                         "chance that the image is no digit at all")
     confident: bool = Field(description="false when the image is probably not one digit, or the model hesitates")
     version: str = Field(description="the model version that answered")
     inference_ms: float = Field(description="from queueing the image to its result")

@@ -38,7 +38,8 @@ def test_predicts_real_mnist_digits(server, trained):
         assert r.status_code == 200, r.text
         j = r.json()
         assert set(j) == {"digit", "probabilities", "confidence", "confident", "version", "inference_ms"}
-        assert j["confidence"] == max(j["probabilities"]) and isinstance(j["confident"], bool)
+        # the probability of the answer, less the chance that the image is not a digit at all
+        assert 0 <= j["confidence"] <= max(j["probabilities"]) + 1e-6 and isinstance(j["confident"], bool)
         assert len(j["probabilities"]) == 10 and abs(sum(j["probabilities"]) - 1) < 1e-3
         assert j["digit"] == max(range(10), key=j["probabilities"].__getitem__)
         assert j["version"] == latest(trained)
