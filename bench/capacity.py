@@ -32,14 +32,11 @@ shared one, run it when it is quiet, and compare several runs.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -48,18 +45,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from serve import BOUNDARY, WRK_LUA, cpu_seconds, free_port, mnist_digit_png, multipart  # bench/serve.py
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "tests" / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-BOUNDARY = "mnistk8scapacity"
+SAMPLE = REPO / "tests" / "data"
 CGROUP_NAME = f"mnist-k8s-capacity-{os.getpid()}"
 
-# wrk: POST the body file; at the end print one JSON line with the figures we need.
-WRK_SCRIPT = """
-local f = assert(io.open("{body}", "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"
+# wrk: POST the body file (serve.py's script); at the end print one JSON line with the figures we need.
+WRK_SCRIPT = WRK_LUA + """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('CAPACITY {{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
@@ -71,19 +64,7 @@ end
 
 def digit_body() -> bytes:
     "The first test digit of the repository's MNIST sample, as a multipart form with one PNG file."
-    from PIL import Image
-    raw = SAMPLE.read_bytes()
-    _, _, rows, cols = struct.unpack(">IIII", raw[:16])
-    buf = io.BytesIO()
-    Image.frombytes("L", (cols, rows), raw[16:16 + rows * cols]).save(buf, format="PNG")
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return multipart(mnist_digit_png(SAMPLE)[0])
 
 
 # ---- CPU limits and weight ----------------------------------------------------------------------
@@ -166,25 +147,6 @@ class Size:
 
 
 # ---- the server -------------------------------------------------------------------------------------
-def tree_cpu_seconds(root_pid: int) -> float:
-    "CPU time (user + system) of a process and all its live descendants, from /proc."
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit(): continue
-        try: stat = (d / "stat").read_text()
-        except OSError: continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        stats[int(d.name)] = fields
-        children.setdefault(int(fields[1]), []).append(int(d.name))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in stats: total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
-        todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def start_server(size: Size, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     exe = shutil.which("mnist-k8s")
     if not exe: sys.exit("mnist-k8s is not on PATH: pip install -e . first")
@@ -241,9 +203,9 @@ def measure(cpus: float, args, groups: CpuGroups, model_dir: Path, script: Path,
         for conns in args.conns:
             tries = []
             for _ in range(args.rounds):  # other processes only ever slow it down: keep the best round
-                cpu0, t0 = tree_cpu_seconds(proc.pid), time.monotonic()
+                cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 r = run_wrk(size, url, script, conns, args.duration)
-                cores_used = (tree_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+                cores_used = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
                 rps = r["requests"] / (r["duration_us"] / 1e6)
                 tries.append(dict(cpus=cpus, conns=conns, rps=rps, p50_ms=r["p50_us"] / 1000,
                                   p99_ms=r["p99_us"] / 1000, cores=cores_used, failed=r["non2xx"] + r["errors"],
