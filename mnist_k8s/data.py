@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 # %% auto #0
 __all__ = ['MNIST_MEAN', 'MNIST_STD', 'NON_DIGIT_CHARS', 'SKELETONS', 'Digits', 'balanced_subset', 'load_mnist', 'random_affine',
-           'random_blur', 'Batches', 'draw_strokes', 'draw_text', 'texture', 'side_by_side', 'on_paper',
-           'non_digit_fonts', 'render_non_digits']
+           'random_blur', 'stroke_width', 'random_stroke', 'Batches', 'draw_strokes', 'draw_text', 'texture',
+           'side_by_side', 'on_paper', 'non_digit_fonts', 'render_non_digits']
 
 # %% ../nbs/01_data.ipynb #c86e3509
 MNIST_MEAN = 0.1307
@@ -85,14 +85,41 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None = None, shi
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 # %% ../nbs/01_data.ipynb #40669ceb
+def _gaussians(sigmas: tuple[float, ...], size: int = 7) -> torch.Tensor:
+    "Normalised 1-D Gaussian kernels `[len(sigmas), size]` (the ones `gaussian_blur` builds)."
+    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-0.5 * (r / torch.tensor(sigmas, dtype=torch.float32)[:, None]) ** 2)
+    return k / k.sum(1, keepdim=True)
+
 def random_blur(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.3,
                 sigmas: tuple[float, ...] = (0.6, 0.9, 1.3)) -> torch.Tensor:
     "Gaussian-blur a random fraction `p` of the images of `x` `[N, C, H, W]`, split evenly over `sigmas` (pixels)."
-    from torchvision.transforms.functional import gaussian_blur
     u = torch.rand(len(x), generator=generator)
-    for k, s in enumerate(sigmas):
-        m = (u >= p * k / len(sigmas)) & (u < p * (k + 1) / len(sigmas))
-        if m.any(): x[m] = gaussian_blur(x[m], kernel_size=7, sigma=s)
+    m = (u < p).nonzero().flatten()
+    if len(m) == 0: return x
+    k = _gaussians(sigmas)[(u[m] / p * len(sigmas)).long().clamp(max=len(sigmas) - 1)]   # each digit's kernel
+    n, (c, h, w) = len(m) * x.shape[1], x.shape[1:]
+    k = k.repeat_interleave(c, 0)
+    y = F.pad(x[m].reshape(1, n, h, w), (3, 3, 3, 3), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=n), k[:, None, :, None], groups=n)  # rows, then columns
+    x[m] = y.reshape(len(m), c, h, w)
+    return x
+
+# %% ../nbs/01_data.ipynb #41a6f813
+def stroke_width(x: torch.Tensor, size: int) -> torch.Tensor:
+    "Strokes of `x` `[N, C, H, W]` bolder (`size` > 1: a `size` x `size` maximum filter) or thinner (`size` < -1: minimum)."
+    if abs(size) < 2: raise ValueError(f"size must be at least 2 or at most -2, got {size}")
+    k = abs(size); lo = (k - 1) // 2
+    if size > 0: return F.max_pool2d(F.pad(x, (lo, k - 1 - lo) * 2), k, stride=1)    # outside is background (0)
+    return -F.max_pool2d(F.pad(-x, (k - 1 - lo, lo) * 2), k, stride=1)   # mirrored: it undoes an even dilation
+
+def random_stroke(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.3,
+                  sizes: tuple[int, ...] = (-2, 2, 3)) -> torch.Tensor:
+    "Change the stroke width of a random fraction `p` of the images of `x`, split evenly over `sizes` (`stroke_width`)."
+    u = torch.rand(len(x), generator=generator)
+    for k, s in enumerate(sizes):
+        m = (u >= p * k / len(sizes)) & (u < p * (k + 1) / len(sizes))
+        if m.any(): x[m] = stroke_width(x[m], s)
     return x
 
 # %% ../nbs/01_data.ipynb #1f23890d
@@ -117,7 +144,8 @@ class Batches:
             x = self.digits.floats(idx)
             if self.augment:
                 aug = dict(self.augment) if isinstance(self.augment, dict) else {}
-                blur = aug.pop("blur", 0)
+                blur, stroke = aug.pop("blur", 0), aug.pop("stroke", 0)
+                if stroke: x = random_stroke(x, g, stroke)
                 x = random_affine(x, g, **aug)
                 if blur: x = random_blur(x, g, blur)
             yield x, self.digits.labels[idx]

@@ -232,8 +232,8 @@ def _filter(g: np.ndarray, k: int, op) -> np.ndarray:
         g = op(p[:n], p[k - w:k - w + n]).T                  # two overlapping ones cover k rows
     return g
 
-def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
-    "Coarse grids of the background under dark ink and of each cell's darkest pixel, and the cell size; None if tiny."
+def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    "Coarse grids of the background under dark ink, of each cell's brightest and darkest pixel; the cell size. None if tiny."
     g = max(1, max(a.shape) // _CELLS)
     h, w = a.shape[0] // g, a.shape[1] // g
     if h < 4 or w < 4: return None
@@ -241,20 +241,27 @@ def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
     hi = np.maximum.reduceat(rows.max(axis=1), cols, axis=1)   # each cell's brightest and darkest pixel
     lo = np.minimum.reduceat(rows.min(axis=1), cols, axis=1)
     k = max(3, (max(h, w) // 3) | 1)
-    return _filter(_filter(hi, k, np.maximum), k, np.minimum), lo, g
+    return _filter(_filter(hi, k, np.maximum), k, np.minimum), hi, lo, g
 
 # %% ../nbs/06_preprocess.ipynb #c178f591
 _EVEN = 0.12   # a background varying less than this fraction of the paper level is evenly lit
 _PAPER = 96    # a border at least this bright is paper (dark ink), whatever a shadow does to the histogram
 _SMALL = 96    # unevenly lit photos are analysed at about this size (integer reductions, not below it)
 
+def _shadowed(a: np.ndarray) -> bool:
+    "Whether the border of `a` is part paper, part shadow: its brightest quarter paper, its darkest grey, not black."
+    hist = np.bincount(np.concatenate([e.ravel() for e in _border(a)]), minlength=256)
+    q25, q75 = _quantile(hist, 0.25), _quantile(hist, 0.75)
+    return q75 >= _PAPER and q25 >= max(32, q75 / 4)
+
 def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> bool:
     "Whether `a` (levels counted in `h`) is unevenly lit paper with dark ink on it."
-    s = _surfaces(a)
-    if s is None or not (dark or bg >= _PAPER): return False
-    under_dark, under_bright, _ = s
+    if not (dark or bg >= _PAPER or _shadowed(a)) or (s := _surfaces(a)) is None: return False
+    under_dark, brightest, under_bright, _ = s
     p_dark = _quantile(h, 0.005)
-    paper = under_dark > p_dark + max(band, (_quantile(h, 0.995) - p_dark) // 4)   # not inside bold strokes
+    paper = under_dark > p_dark + max(band, (_quantile(h, 0.995) - p_dark) // 4)   # not inside bold strokes,
+    paper &= brightest.astype(np.int32) >= under_dark.astype(np.int32) - band   # and holding paper, not ink the
+                                                                                # closing could not bridge (at an edge)
     def spread(grid):   # the range of the grid's cells, 2% left out at each end
         v = np.sort(grid, axis=None); return int(v[len(v) * 49 // 50]) - int(v[len(v) // 50]) if len(v) >= 4 else 0
     return paper.sum() >= 4 and _EVEN * max(bg, 32) < spread(under_dark[paper]) <= spread(under_bright)
@@ -264,6 +271,7 @@ _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
 
 def _histogram(a: np.ndarray) -> np.ndarray:
     "Counts of each level 0..255 in `a` (uint8); of its 2x2 block means above 64K pixels."
+    if a.size <= 1 << 14: return np.bincount(a.ravel(), minlength=256).astype(np.float64)   # small: numpy is quicker
     img = Image.fromarray(a)
     return np.array((img.reduce(2) if a.size > 1 << 16 else img).histogram(), np.float64)
 
@@ -284,7 +292,8 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
         if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
         k = max(3, (max(a.shape) // 5) | 1)
         paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
-        paper -= np.median(paper[::4, ::4] - a[::4, ::4])   # the closing sits on the noise's peaks
+        d = (paper[::4, ::4] - a[::4, ::4]).ravel()
+        paper -= np.partition(d, len(d) // 2)[len(d) // 2]   # the closing sits on the noise's peaks: their median
         s = paper - a; s *= bg / np.maximum(paper, 8)
         hx = _histogram(np.clip(s + 0.5, 0, 255).astype(np.uint8))
     ink = hx[band + 1:]
@@ -370,8 +379,9 @@ def _lines(faint: np.ndarray) -> np.ndarray | None:
     h, w = m.shape
     def most(counts, n):   # the most ink in any band of rows (or columns) high enough for a tilted line
         return np.convolve(counts, np.ones(2 * max(1, round(n * 0.016)) + 1), "valid").max(initial=0)
-    if most(np.count_nonzero(m, axis=1), w) < _LONG * w and most(np.count_nonzero(m, axis=0), h) < _LONG * h:
-        return None                        # the usual case, found in a few steps: no room for any line
+    across = (m[:, :2].any() or m[:, -2:].any()) and most(np.count_nonzero(m, axis=1), w) >= _LONG * w
+    down = (m[:2].any() or m[-2:].any()) and most(np.count_nonzero(m, axis=0), h) >= _LONG * h
+    if not (across or down): return None   # the usual case, in a few steps: no ink at a side, or no room for a line
     lines = np.zeros_like(m)
     for t in (False, True, False, True):   # twice: at first a crossing hides each family from the other
         rest = m & ~lines
@@ -417,7 +427,7 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     m = np.zeros((h * g, w * g), np.uint16); m[:mask.shape[0], :mask.shape[1]] = mask
     counts = _blocks(m, g, np.add).ravel()
     lab, n = _components(counts.reshape(h, w) > (g > 1))   # a lone pixel in a cell is a speck
-    if n == 0: return None
+    if n <= 1: return None if n == 0 else (_grow(_grow(lab > 0, 1).T, 1).T, g)   # one mark: nothing to choose
     lab = lab.ravel()
     ys, xs = np.divmod(np.arange(h * w), w)   # each cell's row and column
     mass = np.bincount(lab, weights=counts, minlength=n + 1)
@@ -529,12 +539,12 @@ def _reduce(img: Image.Image, work: int) -> Image.Image:
 
 def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     "The digit's ink (a crop of `inks`, other marks cleared) and its bounding box in that crop; None if none."
+    if max(inks.shape) <= _CELLS:   # a thumbnail, such as an MNIST digit: no ruling, no room for other marks
+        return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox)
     mask, lines = inks >= _HALF, _lines(inks >= _INKED)
     if lines is not None: mask &= ~lines
     if (picked := _pick(mask)) is None: return None
     sel, g = picked
-    if g == 1 and lines is None:   # a thumbnail (32 px or less), such as an MNIST digit: leave its ink as it is
-        return None if (bbox := _ink_bbox(inks)) is None else (inks, bbox)
     ys, xs = np.nonzero(sel)
     y0, y1, x0, x1 = ys.min() * g, (ys.max() + 1) * g, xs.min() * g, (xs.max() + 1) * g
     keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)

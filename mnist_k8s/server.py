@@ -83,13 +83,38 @@ def _pre_fork(server, worker):
     "gunicorn's hook, in the arbiter, before each fork: what exists now is never collected; the collector is on."
     gc.freeze(); gc.enable()
 
+# %% ../nbs/12_server.ipynb #707ac571
+def _address(sock) -> str:
+    addr = sock.getsockname()
+    if isinstance(addr, str): return f"unix:{addr}"
+    host, port = addr[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+def _post_fork(server, worker):
+    "gunicorn's hook, in each new worker once it has its sockets: say where it listens."
+    server.log.info("Listening at: %s (worker %s)", ", ".join(_address(s) for s in worker.sockets), worker.pid)
+
+class _Misleading(logging.Filter):
+    "Drops gunicorn's `Listening at:` without an address and its harmless EBADF when a worker stops."
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+        first = str(args[0]) if args else None
+        if msg.startswith("Listening at: %s") and first == "": return False
+        return not (msg == "Error while closing socket %s" and first is not None and "[Errno 9]" in first)
+
+def _on_starting(server):
+    "gunicorn's hook, in the arbiter before it says where it listens: filter gunicorn's log (workers inherit it)."
+    logging.getLogger("gunicorn.error").addFilter(_Misleading())
+
+# %% ../nbs/12_server.ipynb #11b3c5e3
 def gunicorn_options(s: Settings, workers: int) -> dict:
     "gunicorn's settings for `workers` processes serving with the settings `s`."
     return dict(bind=f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}", workers=workers,
                 worker_class=Worker, preload_app=True, reuse_port=True, proc_name="mnist-k8s",
                 graceful_timeout=math.ceil(s.graceful_timeout), keepalive=SERVER_OPTIONS["timeout_keep_alive"], timeout=60,
                 loglevel=s.log_level, errorlog="-", accesslog="-" if s.log_level == "debug" else None,
-                pre_fork=_pre_fork, child_exit=_child_exit)
+                control_socket_disable=True, on_starting=_on_starting, pre_fork=_pre_fork, post_fork=_post_fork,
+                child_exit=_child_exit)
 
 # %% ../nbs/12_server.ipynb #a37b5ea4
 @contextmanager

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ def load_model(model_dir: Path | str, version: str,
                                     f"or not {classes} classes)")
     return LoadedModel(net, version, meta, calibration=calibration)
 
-# %% ../nbs/08_serving.ipynb #78811e64
+# %% ../nbs/08_serving.ipynb #ec1f8c9a
 class ModelHolder:
     "The model being served; `check()` follows the store's `latest` pointer and keeps the last good model."
     def __init__(self, model_dir: Path | str, builder: Callable[..., torch.nn.Module] | None = None,
@@ -121,64 +122,78 @@ class ModelHolder:
             try: self.on_event(kind, version, error)
             except Exception: log.exception("model event hook failed")
 
-    def _pointer(self) -> tuple[str | None, str | None]:
-        "The version `latest` names, or `None` and what keeps it from naming one."
-        path = self.model_dir / store.LATEST
-        try: text = path.read_text().strip()
-        except FileNotFoundError:
-            if not self.model_dir.is_dir(): return None, f"the model store {self.model_dir} is not there (volume not mounted?)"
-            return None, f"{path} does not exist (nothing is published)"
-        except (OSError, UnicodeDecodeError) as e: return None, f"cannot read {path}: {e}"
-        try: return store.check_version(text), None
-        except store.ModelStoreError: return None, f"{path} names no valid version"
+# %% ../nbs/08_serving.ipynb #9c4ac880
+def _read_latest(model_dir: Path) -> tuple[str | None, str | None]:
+    "The version the store's `latest` names, or `None` and what keeps it from naming one."
+    path = model_dir / store.LATEST
+    try: text = path.read_text().strip()
+    except FileNotFoundError:
+        if not model_dir.is_dir(): return None, f"the model store {model_dir} is not there (volume not mounted?)"
+        return None, f"{path} does not exist (nothing is published)"
+    except (OSError, UnicodeDecodeError) as e: return None, f"cannot read {path}: {e}"
+    try: return store.check_version(text), None
+    except store.ModelStoreError: return None, f"{path} names no valid version"
 
-    def _served_problem(self) -> str | None:
-        "What happened to the files of the version being served, if anything (cheap: one small read, one stat)."
-        m = self.current
-        try:
-            meta = store.read_metadata(self.model_dir, m.version)
-            size = store.version_file(self.model_dir, m.version, store.MODEL_FILE).stat().st_size
-        except (store.ModelStoreError, OSError) as e:
-            return f"the files of the served version {m.version} are gone or unreadable ({e})"
-        if meta.get("sha256") != m.metadata.get("sha256") or size != m.metadata.get("size"):
-            return f"the files of the served version {m.version} changed on the volume"
-        return None
+# %% ../nbs/08_serving.ipynb #f6997acc
+def _served_problem(model_dir: Path, m: LoadedModel) -> str | None:
+    "What happened to the files of `m`, the version being served, if anything (cheap: one small read, one stat)."
+    try:
+        meta = store.read_metadata(model_dir, m.version)
+        size = store.version_file(model_dir, m.version, store.MODEL_FILE).stat().st_size
+    except (store.ModelStoreError, OSError) as e:
+        return f"the files of the served version {m.version} are gone or unreadable ({e})"
+    if meta.get("sha256") != m.metadata.get("sha256") or size != m.metadata.get("size"):
+        return f"the files of the served version {m.version} changed on the volume"
+    return None
 
-    def check(self) -> bool:
-        "Load the version `latest` names if it is new and sound; `True` when the served model changed."
-        with self._lock:
-            version, problem = self._pointer()
-            if version != self.refused: self.refused = None
-            changed, refusal = False, False
-            if version is None: pass
-            elif version == self.version: problem = self._served_problem()
-            elif version == self.refused and time.monotonic() - self._refused_at < self.retry_after:
-                problem, refusal = f"refused: {self.last_error}", True
-            else:
-                try: loaded = load_model(self.model_dir, version, self.builder)
-                except Exception as e:
-                    self.refused, self._refused_at, self.last_error = version, time.monotonic(), str(e)
-                    self.failures += 1
-                    problem, refusal = f"refused: {e}", True
-                    log.warning("refused model version %s (still serving %s): %s", version, self.version, e)
-                    self._event("failure", version, str(e))
-                else:
-                    self.current = loaded             # the atomic swap
-                    self.loads += 1; self.last_error = None; changed = True
-                    log.info("serving model version %s", version)
-                    self._event("loaded", version)
-            if problem != self.store_problem and self.current is not None and not refusal:
-                if problem: log.warning("model store degraded (still serving %s): %s", self.version, problem)
-                elif self.store_problem: log.info("model store healthy again")
-            self.store_problem = problem
-            return changed
+# %% ../nbs/08_serving.ipynb #49bba525
+def _try_load(self: ModelHolder, version: str) -> str | None:
+    "Serve `version`: `None` once it is `current`, else why it was refused (and it is remembered as refused)."
+    try: loaded = load_model(self.model_dir, version, self.builder)
+    except Exception as e:
+        self.refused, self._refused_at, self.last_error = version, time.monotonic(), str(e)
+        self.failures += 1
+        log.warning("refused model version %s (still serving %s): %s", version, self.version, e)
+        self._event("failure", version, str(e))
+        return str(e)
+    self.current = loaded                          # the atomic swap
+    self.loads += 1; self.last_error = None
+    log.info("serving model version %s", version)
+    self._event("loaded", version)
+    return None
 
-    async def watch(self, interval: float):
-        "Check every `interval` seconds, in a worker thread so the event loop keeps serving; runs until cancelled."
-        while True:
-            await asyncio.sleep(interval)
-            try: await asyncio.to_thread(self.check)
-            except Exception: log.exception("model reload check failed")
+ModelHolder._try_load = _try_load
+
+# %% ../nbs/08_serving.ipynb #a8b07188
+def _check(self: ModelHolder) -> bool:
+    "Load the version `latest` names if it is new and sound; `True` when the served model changed."
+    with self._lock:
+        version, problem = _read_latest(self.model_dir)
+        if version != self.refused: self.refused = None
+        changed, refusal = False, False
+        if version is None: pass
+        elif version == self.version: problem = _served_problem(self.model_dir, self.current)
+        elif version == self.refused and time.monotonic() - self._refused_at < self.retry_after:
+            problem, refusal = f"refused: {self.last_error}", True
+        elif (error := self._try_load(version)) is not None: problem, refusal = f"refused: {error}", True
+        else: changed = True
+        if problem != self.store_problem and self.current is not None and not refusal:
+            if problem: log.warning("model store degraded (still serving %s): %s", self.version, problem)
+            elif self.store_problem: log.info("model store healthy again")
+        self.store_problem = problem
+        return changed
+
+ModelHolder.check = _check
+
+# %% ../nbs/08_serving.ipynb #3294c6d8
+async def _watch(self: ModelHolder, interval: float):
+    "Check every `interval` seconds, in a worker thread so the event loop keeps serving; runs until cancelled."
+    while True:
+        await asyncio.sleep(interval)
+        try: await asyncio.to_thread(self.check)
+        except Exception: log.exception("model reload check failed")
+
+ModelHolder.watch = _watch
 
 # %% ../nbs/08_serving.ipynb #1eb1a70f
 class Prediction(NamedTuple):
@@ -209,7 +224,7 @@ def inference_threads(configured: int | None = None, root: Path | str = "/sys/fs
     "Torch threads per server process: `configured`, else its share of the CPU quota less a core for its event loop."
     return configured or max(1, default_threads(None, root) // max(1, workers) - 1)
 
-# %% ../nbs/08_serving.ipynb #906d930b
+# %% ../nbs/08_serving.ipynb #2dbf59ef
 class _Request(NamedTuple):
     "One queued prediction: its image (or the function that makes it), whom to answer, and when it was queued."
     image: np.ndarray | Callable[[], np.ndarray]
@@ -217,6 +232,25 @@ class _Request(NamedTuple):
     loop: asyncio.AbstractEventLoop | None
     queued: float
 
+def _settle(fut, r):
+    if fut.done(): return                           # cancelled (client went away)
+    if isinstance(r, BaseException): fut.set_exception(r)
+    else: fut.set_result(r)
+
+def _settle_all(pairs):
+    for fut, r in pairs: _settle(fut, r)
+
+def _deliver(done: list[tuple[_Request, Any]]):
+    "Settle each request's future with its result: directly, or in one call per event loop."
+    by_loop: dict[Any, list] = {}
+    for req, r in done:
+        if req.loop is None: _settle(req.future, r)
+        else: by_loop.setdefault(req.loop, []).append((req.future, r))
+    for loop, pairs in by_loop.items():
+        try: loop.call_soon_threadsafe(_settle_all, pairs)
+        except RuntimeError: pass                   # that loop is closed: nobody is waiting any more
+
+# %% ../nbs/08_serving.ipynb #2c487ea3
 class BatchPredictor:
     "Batch concurrent predictions into single forward passes on one inference thread."
     def __init__(self, holder: ModelHolder, max_batch: int = 32, max_wait: float = 0.002, threads: int | None = None,
@@ -228,106 +262,106 @@ class BatchPredictor:
         self._thread: threading.Thread | None = None
         self.incoming = 0                          # requests being prepared that will be submitted soon
 
-    def start(self) -> BatchPredictor:
-        if self._thread is None or not self._thread.is_alive():
-            torch.set_num_threads(self.threads)
-            self._thread = threading.Thread(target=self._run, name="mnist-inference", daemon=True)
-            self._thread.start()
-        return self
+# %% ../nbs/08_serving.ipynb #a30e2340
+def _forward(self: BatchPredictor, batch: list[_Request]) -> list:
+    "One forward pass for the whole batch: a `Prediction` per request, or the exception for all of them."
+    model = self.holder.current                    # one model for the whole batch
+    t0 = time.perf_counter()
+    try:
+        if model is None: raise NoModel("no model is loaded yet")
+        x = torch.from_numpy(np.stack([r.image for r in batch]).astype(np.float32, copy=False)).view(-1, 1, 28, 28)
+        with torch.inference_mode():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16): logits = model.net(x)
+            probs, not_digit, _, confident = model.calibration(logits)
+        not_digit, confident = not_digit.tolist(), confident.tolist()
+        done = time.perf_counter()
+        results = [Prediction(probs[i], model.version, (done - r.queued) * 1e3, confident[i], not_digit[i])
+                   for i, r in enumerate(batch)]
+    except BaseException as e:
+        results = [e] * len(batch)
+    if self.on_batch and model is not None:
+        try: self.on_batch(len(batch), time.perf_counter() - t0)
+        except Exception: log.exception("batch hook failed")
+    return results
 
-    def stop(self, timeout: float = 5.0):
-        "Finish the queued work, then end the thread."
-        if self._thread is not None:
-            self._q.put(None); self._thread.join(timeout); self._thread = None
+BatchPredictor._forward = _forward
 
-    @contextmanager
-    def coming(self):
-        "Announce a request that will be submitted shortly (a forming batch may wait `max_wait` for it)."
-        self.incoming += 1
-        try: yield
-        finally: self.incoming -= 1
+# %% ../nbs/08_serving.ipynb #c0fda5c8
+def _prepare(batch: list[_Request]) -> tuple[list[_Request], list]:
+    "Make the images still to be made: the requests ready for the forward pass, and those whose image failed."
+    ready, failed = [], []
+    for r in batch:
+        if not callable(r.image): ready.append(r); continue
+        try: ready.append(r._replace(image=r.image()))
+        except Exception as e: failed.append((r, e))
+    return ready, failed
 
-    async def predict(self, image: np.ndarray | Callable[[], np.ndarray]) -> Prediction:
-        "Probabilities for one 28x28 float image in [0, 1] (white ink on black), or for what `image()` returns."
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._q.put(_Request(image, fut, loop, time.perf_counter()))
-        return await fut
+def _process(self: BatchPredictor, batch: list[_Request]):
+    "Answer one batch: make the images still to be made, run the forward pass, settle the futures."
+    done = []                                      # (request, result or exception)
+    if any(callable(r.image) for r in batch): batch, done = _prepare(batch)
+    if batch: done += zip(batch, self._forward(batch))
+    _deliver(done)
 
-    def predict_sync(self, image: np.ndarray | Callable[[], np.ndarray], timeout: float | None = 30) -> Prediction:
-        "`predict` for callers without an event loop (tests, scripts)."
-        from concurrent.futures import Future
-        fut = Future()
-        self._q.put(_Request(image, fut, None, time.perf_counter()))
-        return fut.result(timeout)
+BatchPredictor._process = _process
 
-    def _run(self):
-        q, stop = self._q, False
-        while not stop:
-            item = q.get()
-            if item is None: break
-            batch, deadline = [item], time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch:
-                try: item = q.get_nowait()
-                except queue.Empty:                # linger only while more requests are announced
-                    wait = deadline - time.perf_counter()
-                    if wait <= 0 or not self.incoming: break
-                    try: item = q.get(timeout=min(wait, 0.0005))
-                    except queue.Empty: continue
-                if item is None: stop = True; break
-                batch.append(item)
-            self._process(batch)
+# %% ../nbs/08_serving.ipynb #1bc2107c
+def _run(self: BatchPredictor):
+    "The inference thread: gather a batch from the queue and process it, until a `None` arrives."
+    q, stop = self._q, False
+    while not stop:
+        item = q.get()
+        if item is None: break
+        batch, deadline = [item], time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch:
+            try: item = q.get_nowait()
+            except queue.Empty:                    # linger only while more requests are announced
+                wait = deadline - time.perf_counter()
+                if wait <= 0 or not self.incoming: break
+                try: item = q.get(timeout=min(wait, 0.0005))
+                except queue.Empty: continue
+            if item is None: stop = True; break
+            batch.append(item)
+        self._process(batch)
 
-    def _process(self, batch):
-        done = []                                  # (request, result or exception)
-        if any(callable(r.image) for r in batch): batch, done = self._prepare(batch)
-        if batch: done += zip(batch, self._forward(batch))
-        _deliver(done)
+BatchPredictor._run = _run
 
-    def _prepare(self, batch):
-        "Make the images still to be made: the requests ready for the forward pass, and those whose image failed."
-        ready, failed = [], []
-        for r in batch:
-            if not callable(r.image): ready.append(r); continue
-            try: ready.append(r._replace(image=r.image()))
-            except Exception as e: failed.append((r, e))
-        return ready, failed
+# %% ../nbs/08_serving.ipynb #ece8643d
+def _start(self: BatchPredictor) -> BatchPredictor:
+    "Start the inference thread, unless it runs already; returns the predictor."
+    if self._thread is None or not self._thread.is_alive():
+        torch.set_num_threads(self.threads)
+        self._thread = threading.Thread(target=self._run, name="mnist-inference", daemon=True)
+        self._thread.start()
+    return self
 
-    def _forward(self, batch) -> list:
-        "One forward pass for the whole batch: a `Prediction` per request, or the exception for all of them."
-        model = self.holder.current                # one model for the whole batch
-        t0 = time.perf_counter()
-        try:
-            if model is None: raise NoModel("no model is loaded yet")
-            x = torch.from_numpy(np.stack([r.image for r in batch]).astype(np.float32, copy=False)).view(-1, 1, 28, 28)
-            with torch.inference_mode():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16): logits = model.net(x)
-                probs, not_digit, _, confident = model.calibration(logits)
-            not_digit, confident = not_digit.tolist(), confident.tolist()
-            done = time.perf_counter()
-            results = [Prediction(probs[i], model.version, (done - r.queued) * 1e3, confident[i], not_digit[i])
-                       for i, r in enumerate(batch)]
-        except BaseException as e:
-            results = [e] * len(batch)
-        if self.on_batch and model is not None:
-            try: self.on_batch(len(batch), time.perf_counter() - t0)
-            except Exception: log.exception("batch hook failed")
-        return results
+def _stop(self: BatchPredictor, timeout: float = 5.0):
+    "Finish the queued work, then end the thread."
+    if self._thread is not None:
+        self._q.put(None); self._thread.join(timeout); self._thread = None
 
-def _deliver(done):
-    "Settle each request's future with its result: directly, or in one call per event loop."
-    by_loop: dict[Any, list] = {}
-    for req, r in done:
-        if req.loop is None: _settle(req.future, r)
-        else: by_loop.setdefault(req.loop, []).append((req.future, r))
-    for loop, pairs in by_loop.items():
-        try: loop.call_soon_threadsafe(_settle_all, pairs)
-        except RuntimeError: pass                   # that loop is closed: nobody is waiting any more
+BatchPredictor.start, BatchPredictor.stop = _start, _stop
 
-def _settle(fut, r):
-    if fut.done(): return                           # cancelled (client went away)
-    if isinstance(r, BaseException): fut.set_exception(r)
-    else: fut.set_result(r)
+# %% ../nbs/08_serving.ipynb #83b29cae
+@contextmanager
+def _coming(self: BatchPredictor):
+    "Announce a request that will be submitted shortly (a forming batch may wait `max_wait` for it)."
+    self.incoming += 1
+    try: yield
+    finally: self.incoming -= 1
 
-def _settle_all(pairs):
-    for fut, r in pairs: _settle(fut, r)
+async def _predict(self: BatchPredictor, image: np.ndarray | Callable[[], np.ndarray]) -> Prediction:
+    "Probabilities for one 28x28 float image in [0, 1] (white ink on black), or for what `image()` returns."
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    self._q.put(_Request(image, fut, loop, time.perf_counter()))
+    return await fut
+
+def _predict_sync(self: BatchPredictor, image: np.ndarray | Callable[[], np.ndarray],
+                  timeout: float | None = 30) -> Prediction:
+    "`predict` for callers without an event loop (tests, scripts)."
+    fut = Future()
+    self._q.put(_Request(image, fut, None, time.perf_counter()))
+    return fut.result(timeout)
+
+BatchPredictor.coming, BatchPredictor.predict, BatchPredictor.predict_sync = _coming, _predict, _predict_sync

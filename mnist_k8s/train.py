@@ -5,6 +5,7 @@
 # %% ../nbs/04_train.ipynb #4e5e2294
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -33,13 +34,13 @@ from .model import DEFAULT_ARCH, build_model, cpu_has_bf16
 from tqdm import tqdm
 
 # %% auto #0
-__all__ = ['RECIPE', 'Evaluation', 'evaluate', 'run_key', 'checkpoint_path', 'save_checkpoint', 'load_checkpoint', 'one_cycle',
-           'train_epoch', 'epoch_line', 'fit', 'library_versions', 'git_revision', 'TrainedModel', 'run_metadata',
-           'train_model', 'publish_model']
+__all__ = ['RECIPE', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'Evaluation', 'evaluate', 'run_key', 'checkpoint_path',
+           'save_checkpoint', 'load_checkpoint', 'one_cycle', 'train_epoch', 'epoch_line', 'fit', 'keep_freed_memory',
+           'library_versions', 'git_revision', 'TrainedModel', 'run_metadata', 'train_model', 'publish_model']
 
 # %% ../nbs/04_train.ipynb #f832a8b1
 RECIPE = dict(optimizer="adam", schedule="onecycle", warmup=0.25, label_smoothing=0.1,
-              augment=dict(shift=2.0, degrees=10.0, scale=0.1))
+              augment=dict(shift=2.0, degrees=10.0, scale=0.1, stroke=0.3, blur=0.3))
 
 # %% ../nbs/04_train.ipynb #cc5fd836
 @dataclass
@@ -165,12 +166,22 @@ def fit(model: nn.Module, train: Digits, *, epochs: int, batch_size: int, lr: fl
             t0 = time.perf_counter()
             rec = train_epoch(model, train, opt, sched, batch_size=batch_size, seed=seed, epoch=epoch,
                               bf16=bf16, bar=bar)
-            if test is not None: rec["test_accuracy"] = evaluate(model, test).accuracy  # float32, as the final one
+            if test is not None:   # the last epoch in float32, as the final evaluation
+                rec["test_accuracy"] = evaluate(model, test, bf16=bf16 and epoch < epochs - 1).accuracy
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
             with tqdm.external_write_mode(file=sys.stdout): log(epoch_line(rec, epochs))
             if checkpoint: _checkpoint(checkpoint, key, epoch + 1, model, opt, sched, history)
     return history
+
+# %% ../nbs/04_train.ipynb #d54234a0
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # the `mallopt` parameters of glibc's <malloc.h>
+
+def keep_freed_memory(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
+    "Fix glibc malloc's trim and mmap thresholds (whole process) so that freed memory is reused; `False` if not glibc."
+    if sys.platform != "linux": return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and mallopt(M_TRIM_THRESHOLD, trim) == 1 and mallopt(M_MMAP_THRESHOLD, mmap) == 1
 
 # %% ../nbs/04_train.ipynb #b05ee2d6
 def library_versions() -> dict[str, str]:
@@ -220,6 +231,7 @@ def train_model(data_root: Path | str, model_dir: Path | str, *, epochs: int, ba
                 threads: int | None = None, progress: bool = True, log=print) -> TrainedModel:
     "Train a model on MNIST under `data_root` (checkpointing under `model_dir`) and evaluate it in float32."
     started = time.perf_counter()
+    keep_freed_memory()
     torch.set_num_threads(default_threads(threads))
     bf16 = cpu_has_bf16() if bf16 is None else bool(bf16)
     train = load_mnist(data_root, train=True, download=download, limit=limit, seed=seed)

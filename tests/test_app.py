@@ -4,9 +4,9 @@ PNG files byte by byte."""
 from __future__ import annotations
 
 import io
-import tempfile
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,22 +17,31 @@ from mnist_k8s.api import create_app
 from mnist_k8s.config import Settings
 from mnist_k8s.model import build_model
 
-MODEL_DIR = tempfile.mkdtemp(prefix="mnist-k8s-test-app-")
-SETTINGS = Settings(_env_file=None, model_dir=MODEL_DIR, torch_threads=1, max_upload_bytes=256 * 1024,
-                    max_batch_files=4)
+
+@pytest.fixture(scope="module")
+def app_settings(tmp_path_factory) -> Settings:
+    "Settings for the apps of this module: a model store of its own, small limits, one torch thread."
+    return Settings(_env_file=None, model_dir=tmp_path_factory.mktemp("app-models"), torch_threads=1,
+                    max_upload_bytes=256 * 1024, max_batch_files=4)
 
 
 @pytest.fixture(scope="module")
-def published():
-    "An untrained network of the real architecture in MODEL_DIR (it costs the same to run as a trained one)."
-    store.publish(MODEL_DIR, build_model().state_dict(), {"arch": {}})
+def published(app_settings):
+    "An untrained network of the real architecture in the store (it costs the same to run as a trained one)."
+    store.publish(app_settings.model_dir, build_model().state_dict(), {"arch": {}})
 
 
 @pytest.fixture(scope="module")
-def client(published):
-    with TestClient(create_app(SETTINGS)) as c:   # runs the lifespan: model loaded, inference thread started
+def client(app_settings, published):
+    with TestClient(create_app(app_settings)) as c:   # runs the lifespan: model loaded, inference thread started
         assert c.get("/readyz").status_code == 200
         yield c
+
+
+@pytest.fixture(scope="module")
+def pngs() -> list[bytes]:
+    "Five MNIST test digits as PNG files."
+    return [d for d, _ in mnist_test_digits(5)]
 
 
 def assert_clean(r):
@@ -43,23 +52,28 @@ def assert_clean(r):
 
 
 # ------------------------------------------------------------------ schema-driven fuzzing
-schemathesis = pytest.importorskip("schemathesis")
-_APP = create_app(SETTINGS)                      # builds the routes; starts nothing
-schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
+@pytest.fixture(scope="module")
+def started_app(app_settings, published):
+    "An app with its service started by hand, as its lifespan would (schemathesis calls the app without running the lifespan)."
+    app = create_app(app_settings)
+    svc = app.state.service
+    svc.predictor.start(); svc.holder.check()
+    yield app
+    svc.predictor.stop()
 
 
 @pytest.fixture(scope="module")
-def started(published):
-    "_APP's service started, as its lifespan would (schemathesis calls the app without running the lifespan)."
-    svc = _APP.state.service
-    svc.predictor.start(); svc.holder.check()
-    yield
-    svc.predictor.stop()
+def app_schema(started_app):
+    "The app's own OpenAPI schema, read from its `/openapi.json` in-process."
+    return schemathesis.openapi.from_asgi("/openapi.json", started_app)
+
+
+schema = schemathesis.pytest.from_fixture("app_schema")   # loaded when the test runs, not at import
 
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_generated_request_breaks_the_api(case, started):
+def test_no_generated_request_breaks_the_api(case):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
     if response.status_code >= 400:
@@ -67,13 +81,10 @@ def test_no_generated_request_breaks_the_api(case, started):
 
 
 # ------------------------------------------------------------------ damaged images
-PNGS = [d for d, _ in mnist_test_digits(5)]
-
-
-@given(png=st.sampled_from(PNGS), data=st.data())
+@given(data=st.data())
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-def test_damaged_pngs_get_a_clear_answer(client, png, data):
-    b = bytearray(png)
+def test_damaged_pngs_get_a_clear_answer(client, pngs, data):
+    b = bytearray(data.draw(st.sampled_from(pngs), label="png"))
     for _ in range(data.draw(st.integers(1, 8))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
         i = data.draw(st.integers(0, max(0, len(b) - 1)))
@@ -100,10 +111,10 @@ def test_random_multipart_bodies(client, body, boundary):
                                  headers={"content-type": f"multipart/form-data; boundary={boundary}"}))
 
 
-def test_every_format_pillow_writes(client):
+def test_every_format_pillow_writes(client, pngs):
     "The same digit in every common format is read (or refused with a clear 415)."
     from PIL import Image
-    img = Image.open(io.BytesIO(PNGS[0]))
+    img = Image.open(io.BytesIO(pngs[0]))
     answers = {}
     for fmt in ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "PDF"]:
         buf = io.BytesIO()

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, copy_version, mnist_test_digits, Server, wait_for
+from helpers import ROOT, copy_version, mnist_test_digits, need, need_module, Server, wait_for
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("MNIST_K8S_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("MNIST_K8S_SCREENSHOTS", "/tmp"))
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
 CSP_WATCH = """
 window.__csp = [];
@@ -32,8 +29,17 @@ def server(trained, tmp_path_factory):
         yield s
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sync_api():
+    """Playwright's sync API, once a Chromium to drive is there too; if either is missing, skip on a laptop and
+    fail in CI (`helpers.need`). Session-scoped, so that it runs before the session's model is trained."""
+    api = need_module("playwright.sync_api", "pip install playwright (this project drives Debian's chromium with it)")
+    need(CHROMIUM, "install Debian's chromium, or set MNIST_K8S_CHROMIUM to a Chromium binary")
+    return api
+
+
 @pytest.fixture(scope="module")
-def browser():
+def browser(sync_api):
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM,
                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])

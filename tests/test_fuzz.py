@@ -13,24 +13,32 @@ answers per file by design: a part that is not an image gets its own error insid
 the response-conformance checks."""
 from __future__ import annotations
 
-import tempfile
-
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.checks import negative_data_rejection, positive_data_acceptance  # noqa: E402
-
-from helpers import serve_copy  # noqa: E402
-from mnist_k8s.api import create_app  # noqa: E402
-from mnist_k8s.config import Settings  # noqa: E402
+from helpers import serve_copy
+from mnist_k8s.api import create_app
+from mnist_k8s.config import Settings
 
 pytestmark = pytest.mark.timeout(600)
 EXAMPLES = 100                      # per operation and generation phase; bounded so the run stays short
-
-OPENAPI = create_app(Settings(_env_file=None, model_dir=tempfile.mkdtemp(prefix="mnist-k8s-fuzz-"))).openapi()
-schema = schemathesis.openapi.from_dict(OPENAPI)
 COUNT: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def openapi(tmp_path_factory) -> dict:
+    "The app's own OpenAPI document, built in-process (the app is created, nothing is started)."
+    return create_app(Settings(_env_file=None, model_dir=tmp_path_factory.mktemp("fuzz-schema"))).openapi()
+
+
+@pytest.fixture(scope="module")
+def api_schema(openapi):
+    return schemathesis.openapi.from_dict(openapi)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")   # loaded when the test runs, not at import
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,8 @@ def server(trained, tmp_path_factory):
         assert 'status="5' not in metrics and "Traceback" not in s.output(), s.output()[-3000:]
 
 
-def test_served_schema_is_the_fuzzed_schema(server):
-    assert server.get("/openapi.json").json() == OPENAPI
+def test_served_schema_is_the_fuzzed_schema(server, openapi):
+    assert server.get("/openapi.json").json() == openapi
 
 
 @schema.parametrize()

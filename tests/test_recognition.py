@@ -88,3 +88,40 @@ def test_server_reads_every_condition(server, uploads):
     assert len(wrong) <= 0.15 * len(uploads), wrong
     per = {c: sum(w[0] == c for w in wrong) for c in corpus.CONDITIONS}
     assert max(per.values()) <= PER_CONDITION // 2, per
+
+
+def _correlation(data: bytes, i: int, fn=preprocess) -> float:
+    return float(np.corrcoef(fn(data).ravel(), preprocess(encode(Image.fromarray(DIGITS[i]))).ravel())[0, 1])
+
+
+@pytest.mark.parametrize("covered", [0.55, 0.7, 0.85])
+def test_a_shadow_over_most_of_the_border_is_not_ink(covered):
+    """A shadow's edge crossing the digit, the shade over most of the page: the border's median is then the
+    shadow's grey, and the lit paper outweighs the ink. Dark ink on shaded paper is still found."""
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        a = corpus.shape(DIGITS[i], 160, rng, 0.3)
+        page = np.full((320, 320), 225.0)
+        page[80:80 + a.shape[0], 110:110 + a.shape[1]] -= 190 * a
+        x = np.arange(320, dtype=float)
+        page *= 1 - 0.62 * (1 / (1 + np.exp(-(x - 320 * (1 - covered)) / 8)))[None, :]   # shade on the right
+        data = encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+        assert _correlation(data, i) > 0.6, (covered, i)
+
+
+def test_bold_ink_cut_by_the_frame_is_not_a_shadow():
+    """Tight crops of bold dark ink touching the edges, covering up to 60% of the frame: the ink is not taken
+    for paper under a shadow. (Beyond that, bold dark ink over most of the border looks like a light digit on a
+    dark page, which is what MNIST-style drawings are.)"""
+    rng = np.random.default_rng(4)
+    tried, poor = 0, []
+    for i in range(len(DIGITS)):
+        a = corpus.shape(DIGITS[i], int(rng.integers(60, 200)), rng, 0.9)
+        ys, xs = np.nonzero(a > 0.02)
+        a = a[ys.min() + 2:ys.max() - 1, xs.min() + 2:xs.max() - 1]   # framed to the ink, a little cut off
+        if a.mean() > 0.6: continue
+        page = 220.0 - 190 * a
+        data = encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+        tried += 1
+        if _correlation(data, i) <= 0.6: poor.append(i)
+    assert tried >= 500 and len(poor) <= 0.02 * tried, (tried, poor)

@@ -315,6 +315,25 @@ def test_workers_are_forked_replaced_and_stopped(trained, tmp_path):
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+def test_several_workers_log_where_they_listen_and_leave_nothing_in_home(trained, tmp_path):
+    """gunicorn's start-up and stop log is true: each worker names the address it listens at (with reuse_port the
+    arbiter binds nothing), no control socket is made in the home folder, no EBADF noise when the workers stop."""
+    store, home = tmp_path / "models", tmp_path / "home"
+    home.mkdir()
+    copy_version(trained, store)
+    env = {"MNIST_K8S_LOG_LEVEL": "info", "HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    with Server(store, workers=2, env=env) as s:
+        wait_for(lambda: len(_workers(s.proc.pid)) == 2 and s.output().count("Application startup complete") == 2)
+        workers = _workers(s.proc.pid)
+        s.terminate()
+        assert s.proc.wait(30) == 0
+        out = s.output()
+    said = sorted(re.findall(r"Listening at: (\S*) \(worker (\d+)\)", out))
+    assert said == sorted((s.url, str(pid)) for pid in workers), out
+    assert "Listening at:  (" not in out and "ontrol socket" not in out and "Error while closing socket" not in out, out
+    assert list(home.iterdir()) == []
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_store_gauge_is_true_from_the_first_scrape(trained, tmp_path, workers):
     "`mnist_model_store_ok` agrees with `/readyz` from the first scrape on, in every process."
