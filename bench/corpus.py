@@ -141,7 +141,7 @@ def _on_paper(digit, rng, size_frac=(0.45, 0.8), canvas=(200, 700), weight=(-0.3
     W = int(H * rng.uniform(0.75, 1.35))
     a = shape(digit, max(8, round(H * rng.uniform(*size_frac))), rng, rng.uniform(*weight))
     if rotate: a = _rotate(a, rng.uniform(-rotate, rotate))
-    a = a[:H - 2, :W - 2]
+    H, W = max(H, a.shape[0] + 4), max(W, a.shape[1] + 4)   # the whole digit on the page (a cut one is a tight crop)
     x = int(rng.integers(1, max(2, W - a.shape[1] - 1)))
     y = int(rng.integers(1, max(2, H - a.shape[0] - 1)))
     img = _paper(H, W, paper or _paper_colour(rng))
@@ -338,9 +338,9 @@ def _thin_strokes(digit, rng):
     k = rng.uniform(1, 4)                     # pen width, in pixels of a 160 px skeleton
     smooth = Image.fromarray(np.rint(shape(digit, 160, rng, 0.3) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
     sk = _grow(_skeleton(np.asarray(smooth, np.float32) / 255), int(k > 2.5))
-    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((round(sk.shape[1] * a.shape[0] / 160), a.shape[0]), Image.BILINEAR)
-    a = np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)[:img.shape[0] - 2, :img.shape[1] - 2]
-    _place(img, a, min(x, img.shape[1] - a.shape[1] - 1), y, ink)
+    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((a.shape[1], a.shape[0]), Image.BILINEAR)
+    a = np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)   # in the digit's place on the page
+    _place(img, a, x, y, ink)
     return _photo_file(img, rng, (75, 95))
 
 

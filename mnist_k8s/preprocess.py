@@ -298,7 +298,8 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
         hx = _histogram(np.clip(s + 0.5, 0, 255).astype(np.uint8))
     ink = hx[band + 1:]
     if ink.sum() < max(1.0, _MIN_INK * hx.sum()): return None
-    hi = band + 1 + _quantile(ink, 0.9)   # the ink level: the 90th percentile of the candidates' contrast
+    floor = max(band + 1, _quantile(hx, 0.999) // 2)   # half the contrast of the strongest 0.1% of the pixels
+    hi = floor + _quantile(hx[floor:], 0.9)   # the ink level: the 90th percentile of the candidates above it
     if hi < _MIN_CONTRAST: return None
     lo = min(3 * mad, hi / 4)
     if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]

@@ -125,3 +125,4 @@ def test_bold_ink_cut_by_the_frame_is_not_a_shadow():
         tried += 1
         if _correlation(data, i) <= 0.6: poor.append(i)
     assert tried >= 500 and len(poor) <= 0.02 * tried, (tried, poor)
+
