@@ -259,12 +259,15 @@ def rss_mb(pid: int) -> tuple[float, float, float]:
 
 
 def publish_untrained(model_dir: Path, seed: int = 0) -> str:
-    "Publish a freshly initialised network of the real architecture (it costs the same to run as a trained one)."
+    """Publish a freshly initialised network of the architecture `mnist-k8s train` publishes (with the "not a
+    digit" output and a calibration, so `/predict` does all its work); it costs the same to run as a trained one."""
     import torch
     from mnist_k8s import store
     from mnist_k8s.model import build_model
     torch.manual_seed(seed)
-    return store.publish(model_dir, build_model().state_dict(), {"arch": {}, "untrained": True})
+    net = build_model(not_digit=True)
+    return store.publish(model_dir, net.state_dict(), {"arch": net.arch, "untrained": True,
+                                                        "calibration": {"temperature": 0.4, "threshold": 0.13}})
 
 
 class Service:
