@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["CONDITIONS", "realistic", "uploads", "mnist", "shape", "phone_photo_1mp"]
+__all__ = ["CONDITIONS", "PHONE_DIGIT", "realistic", "uploads", "mnist", "shape", "phone_photo_1mp"]
 
 # ------------------------------------------------------------------ the digit's shape at any size
 
@@ -245,13 +245,16 @@ def _tight_crop(digit, rng):
     return _photo_file(img + rng.normal(0, 3, img.shape), rng)
 
 
+PHONE_DIGIT = (0.2, 0.3)   # the phone photo's digit: this fraction of the picture's height (smaller: more of the page)
+
+
 def _phone_photo(digit, rng, size: tuple[int, int] | None = None):
     "A photo of a page: the digit about a quarter of the image high, off-centre, tilted, uneven light, noise, JPEG."
     if size is None:
         H = int(rng.integers(600, 1000))
         W = int(H * rng.choice([4 / 3, 3 / 4, 16 / 9, 1.0]))
     else: W, H = size
-    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.2, 0.3), canvas=(H, H + 1), paper=_paper_colour(rng, 170, 240),
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=PHONE_DIGIT, canvas=(H, H + 1), paper=_paper_colour(rng, 170, 240),
                                   rotate=8.0)
     img = _paper(H, W, img[0, 0])
     x = int(rng.integers(0, W - a.shape[1])); y = int(rng.integers(0, H - a.shape[0]))

@@ -111,7 +111,11 @@ def main(argv=None):
                     help="git revision of the preprocess.py to compare with (default: before the rework for photos)")
     ap.add_argument("--speed-runs", type=int, default=200)
     ap.add_argument("--conditions", default=",".join(corpus.CONDITIONS))
+    ap.add_argument("--phone-digit", default=None, metavar="LO,HI",
+                    help="phone photos with the digit LO to HI of the picture's height (default %s)" %
+                         ",".join(map(str, corpus.PHONE_DIGIT)))
     a = ap.parse_args(argv)
+    if a.phone_digit: corpus.PHONE_DIGIT = tuple(float(v) for v in a.phone_digit.split(","))
     torch.set_num_threads(1)
 
     model = load_net(a.model_dir)
@@ -121,7 +125,8 @@ def main(argv=None):
     t = time.perf_counter()
     ups = list(corpus.uploads(digits, labels, a.per_condition, a.seed, conditions))
     print(f"model {model.version} from {a.model_dir}; {len(ups)} uploads ({a.per_condition} per condition, seed {a.seed}) "
-          f"made in {time.perf_counter() - t:.0f} s; baseline = preprocess.py at {a.baseline}\n")
+          f"made in {time.perf_counter() - t:.0f} s; baseline = preprocess.py at {a.baseline}"
+          + (f"; phone photos' digit {a.phone_digit} of the height" if a.phone_digit else "") + "\n")
     cond = np.array([c for c, _, _ in ups]); truth = np.array([y for _, y, _ in ups])
     ways = {"new": preprocess, "old": old.preprocess, "reference": reference}
     res = {k: read(model, fn, ups) for k, fn in ways.items()}
