@@ -49,11 +49,10 @@ def _default_builder() -> Callable[..., torch.nn.Module]:
 def _fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
     for seq in [m for m in net.modules() if isinstance(m, torch.nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
             if type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d and bn.track_running_stats:
-                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), torch.nn.Identity()
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), torch.nn.Identity()
     return net
 
 def optimize_for_inference(net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
