@@ -3,6 +3,8 @@
 
     python bench/recognition.py --model-dir /tmp/recmodels            # 100 uploads per condition
     python bench/recognition.py --model-dir /tmp/recmodels --per-condition 300 --speed-runs 400
+    python bench/recognition.py --model-dir /tmp/recmodels --conditions phone_photo --phone-digit 0.06,0.1
+                                                # phone photos with smaller digits
 
 The uploads come from `bench/corpus.py`: MNIST *test* digits (never seen in training) turned into photos and
 scans on paper (ruled and squared paper, uneven light, tight crops, phone-photo-like pictures, ...), canvas
