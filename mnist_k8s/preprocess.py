@@ -11,7 +11,8 @@ import math
 import struct
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -538,10 +539,10 @@ def _reduce(img: Image.Image, work: int) -> Image.Image:
     f = max(img.size) // work
     return img.reduce(f) if f >= 2 else img
 
-def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
-    "The digit's ink (a crop of `inks`, other marks cleared) and its bounding box in that crop; None if none."
+def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]] | None:
+    "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop and the crop's (x, y) in `inks`; None if none."
     if max(inks.shape) <= _CELLS:   # a thumbnail, such as an MNIST digit: no ruling, no room for other marks
-        return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox)
+        return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox, (0, 0))
     mask, lines = inks >= _HALF, _lines(inks >= _INKED)
     if lines is not None: mask &= ~lines
     if (picked := _pick(mask)) is None: return None
@@ -551,28 +552,68 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | No
     keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)
     crop = inks[y0:y1, x0:x1] * keep[:min(y1, inks.shape[0]) - y0, :min(x1, inks.shape[1]) - x0]
     if lines is not None: crop[lines[y0:y1, x0:x1]] = 0
-    return None if (bbox := _ink_bbox(crop)) is None else (crop, bbox)
+    return None if (bbox := _ink_bbox(crop)) is None else (crop, bbox, (x0, y0))
 
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
-def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
-    "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
+class _Found(NamedTuple):
+    "A digit found at the working size: its ink and box there, its box in the image's pixels, image px per working px."
+    ink: np.ndarray
+    bbox: tuple[int, int, int, int]
+    box: tuple[float, float, float, float]
+    scale: float
+
+def _locate(img: Image.Image, work: int = _WORK) -> _Found | None:
+    "The digit in decoded `img`, analysed with its longer side reduced to about `work` px; None if there is none."
+    grey, alpha = _layers(img)
+    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), work)))
+    if inks is None and alpha is not None:   # light strokes on a transparent background
+        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), work)))
+    if inks is None or (found := _find(inks)) is None: return None
+    crop, (l, t, r, b), (x0, y0) = found
+    k = img.width / inks.shape[1]
+    return _Found(crop, (l, t, r, b), (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b)), k)
+
+# %% ../nbs/06_preprocess.ipynb #2281abf5
+def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
+    "The digit in `img` (a small one read again from `larger`, see `_sharper`) as a 28x28 MNIST digit."
     if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
     if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
-    grey, alpha = _layers(img)
-    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), _WORK)))
-    if inks is None and alpha is not None:   # light strokes on a transparent background
-        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), _WORK)))
-    if (found := None if inks is None else _find(inks)) is None:
+    if (found := _locate(img)) is None:
         if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
         raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
-    crop, bbox = found
+    crop, bbox = _sharper(found, img, larger)[:2]
     return _place(_digit(Image.fromarray(crop), crop, bbox))
+
+def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
+    "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
+    return _mnist(img, blank, lambda side: img)
+
+# %% ../nbs/06_preprocess.ipynb #d1d470df
+_SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
+
+def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found:
+    "`found`, or when it is small, the digit found again in a crop of `larger(side)` around it."
+    x0, y0, x1, y1 = found.box
+    m, f = max(x1 - x0, y1 - y0), max(1, max(img.size) // _WORK)   # the digit's size in img px; img px per working px
+    if m >= _SMALL_DIGIT * f: return found
+    big = larger(math.ceil(max(img.size) * _SHARP / m))
+    s = big.width / img.width                      # big's px per img px
+    if s * f < 1.5: return found                   # not half as many pixels again: nothing to gain
+    left, top = max(0, round((x0 - m) * s)), max(0, round((y0 - m) * s))
+    region = big.crop((left, top, min(big.width, round((x1 + m) * s)), min(big.height, round((y1 + m) * s))))
+    if (again := _locate(region)) is None: return found
+    l, t, r, b = again.box                         # back to img's pixels
+    return again._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s), scale=again.scale / s)
 
 # %% ../nbs/06_preprocess.ipynb #932debaa
 def preprocess(data: bytes, *, max_pixels: int = 25_000_000, max_aspect_ratio: float = 25.0,
                formats: Iterable[str] = ALLOWED_FORMATS, blank: str = "raise") -> np.ndarray:
     "Uploaded bytes → float32 28x28 MNIST-style digit in [0, 1]; any bad input raises `ImageError`."
-    return to_mnist(_open(data, max_pixels, max_aspect_ratio, formats, draft=_WORK), blank=blank)
+    img = _open(data, max_pixels, max_aspect_ratio, formats, draft=_WORK)
+    def larger(side: int) -> Image.Image:   # a JPEG decoded small (draft) holds more pixels; other formats do not
+        if img.format not in ("JPEG", "MPO") or side <= max(img.size): return img
+        return _open(data, max_pixels, max_aspect_ratio, formats, draft=side)
+    return _mnist(img, blank, larger)
 
 def preprocess_batch(items: Iterable[bytes], **limits) -> list[np.ndarray | ImageError]:
     "`preprocess` each of `items`: the digit, or the `ImageError` that file raised."
