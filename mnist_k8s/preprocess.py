@@ -562,31 +562,16 @@ class _Found(NamedTuple):
     box: tuple[float, float, float, float]
     scale: float
 
-def _locate(img: Image.Image, work: int = _WORK) -> _Found | None:
-    "The digit in decoded `img`, analysed with its longer side reduced to about `work` px; None if there is none."
+def _locate(img: Image.Image) -> _Found | None:
+    "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
     grey, alpha = _layers(img)
-    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), work)))
+    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), _WORK)))
     if inks is None and alpha is not None:   # light strokes on a transparent background
-        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), work)))
+        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), _WORK)))
     if inks is None or (found := _find(inks)) is None: return None
     crop, (l, t, r, b), (x0, y0) = found
     k = img.width / inks.shape[1]
     return _Found(crop, (l, t, r, b), (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b)), k)
-
-# %% ../nbs/06_preprocess.ipynb #2281abf5
-def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
-    "The digit in `img` (a small one read again from `larger`, see `_sharper`) as a 28x28 MNIST digit."
-    if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
-    if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
-    if (found := _locate(img)) is None:
-        if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
-        raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
-    crop, bbox = _sharper(found, img, larger)[:2]
-    return _place(_digit(Image.fromarray(crop), crop, bbox))
-
-def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
-    "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
-    return _mnist(img, blank, lambda side: img)
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
 _SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
@@ -604,6 +589,21 @@ def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Imag
     if (again := _locate(region)) is None: return found
     l, t, r, b = again.box                         # back to img's pixels
     return again._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s), scale=again.scale / s)
+
+# %% ../nbs/06_preprocess.ipynb #2281abf5
+def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
+    "The digit in `img` (a small one read again from `larger`, see `_sharper`) as a 28x28 MNIST digit."
+    if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
+    if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
+    if (found := _locate(img)) is None:
+        if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
+        raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
+    crop, bbox = _sharper(found, img, larger)[:2]
+    return _place(_digit(Image.fromarray(crop), crop, bbox))
+
+def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
+    "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
+    return _mnist(img, blank, lambda side: img)
 
 # %% ../nbs/06_preprocess.ipynb #932debaa
 def preprocess(data: bytes, *, max_pixels: int = 25_000_000, max_aspect_ratio: float = 25.0,
