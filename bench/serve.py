@@ -6,6 +6,7 @@
     python bench/serve.py --ours-workers 3     # also try mnist-k8s with three server processes
     python bench/serve.py --alternatives       # also the process models mnist-k8s did not pick
     python bench/serve.py --frameworks         # also BentoML and LitServe (pip install -e ".[bench]")
+    python bench/serve.py --ablation           # also mnist-k8s without most of its preprocessing: where the time goes
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
 tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
@@ -48,6 +49,12 @@ less than requests/s. Memory is read from /proc after the load: RSS adds up each
 so pages that forked workers share with their parent (torch's code and data) count once per process; PSS
 divides each shared page among the processes sharing it, so it is what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
 on a thread pool.
+
+`--ablation` shows what the preprocessing costs in the running service (CPU that a profile of one function
+cannot show: the inference thread shares each process with the event loop). It adds mnist-k8s with each
+distinct upload analysed only once (the digit is remembered; the bench sends one upload, so what is left is
+HTTP, the framework, batching and the forward pass), and once more also decoding every upload as a PNG as
+before. Neither is a way to serve: they bound what a faster preprocessing could give.
 """
 from __future__ import annotations
 
@@ -417,6 +424,20 @@ def inference_strategies(model_dir: Path, duration: float, conns: list[int]) -> 
     return rows
 
 
+ABLATION = textwrap.dedent('''
+    import sys
+    import mnist_k8s.preprocess as pp
+    full, seen = pp.preprocess, {{}}
+    def analysed_once(data, **limits):          # ablation: the digit of each distinct upload is analysed once
+        if {decode}: pp.open_image(data)        # (and the upload still decoded every time)
+        if data not in seen: seen[data] = full(data, **limits)
+        return seen[data].copy()
+    pp.preprocess = analysed_once
+    from mnist_k8s.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
 def _app_env(tmp: Path) -> dict:
     "The environment of a process model that reads its settings from it (and counts metrics across processes)."
     metrics = tmp / f"metrics-{free_port()}"; metrics.mkdir()
@@ -471,6 +492,8 @@ def main(argv=None):
     ap.add_argument("--alternatives", action="store_true",
                     help="also the process models not picked: uvicorn --workers, gunicorn on httptools")
     ap.add_argument("--frameworks", action="store_true", help="also BentoML and LitServe (extra `bench`)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also mnist-k8s with each upload analysed once (decoded each time or not): where the time goes")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     ap.add_argument("--frameworks-python", default=sys.executable,
                     help="the Python that has BentoML and LitServe installed (default: this one)")
@@ -489,11 +512,14 @@ def main(argv=None):
 
         from mnist_k8s.config import default_workers
         default = default_workers()
-        def ours(workers=None):
+        def ours(workers=None, ablation=None):
             port = free_port()
             code = "import sys; from mnist_k8s.cli import main; sys.exit(main(sys.argv[1:]))"
+            if ablation is not None: code = ABLATION.format(decode=ablation == "decoded")
             n = workers or default
-            return Service(f"mnist-k8s ({'default: ' if workers is None else ''}{n} process{'es' * (n > 1)})",
+            what = {None: "", "decoded": ", ablation: digit analysed once, upload decoded",
+                    "once": ", ablation: digit analysed once"}[ablation]
+            return Service(f"mnist-k8s ({'default: ' if workers is None and not what else ''}{n} process{'es' * (n > 1)}{what})",
                            [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
                             *(["--workers", str(workers)] if workers else []), "--model-dir", str(tmp / "models")],
                            "/readyz", port, env={"MNIST_K8S_LOG_LEVEL": "warning"})
@@ -509,6 +535,7 @@ def main(argv=None):
         services.append(ours())
         if default > 1 and not a.skip_ours_1worker: services.append(ours(1))
         if a.ours_workers and a.ours_workers not in (1, default): services.append(ours(a.ours_workers))
+        if a.ablation: services += [ours(ablation="decoded"), ours(ablation="once")]
         if a.alternatives: services += alternatives(tmp, default)
         if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "

@@ -139,7 +139,6 @@ def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterab
     data = bytes(data)
     if not data: raise ImageError("empty", "The upload is empty (0 bytes).")
     formats = _formats(tuple(formats))
-    fmt = _sniff(data)
     if data.startswith(_PNG_SIGNATURE): _check_png_metadata(data)
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
@@ -147,7 +146,7 @@ def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterab
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on formats it could not identify
             img = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError: raise _unidentified(data, formats) from None
-    except Exception as e: raise _decode_error(e, fmt, data) from e
+    except Exception as e: raise _decode_error(e, _sniff(data), data) from e
     fmt = img.format
     _check_size(*img.size, max_pixels, max_aspect_ratio)
     try:
@@ -199,10 +198,10 @@ def _quantile(hist: np.ndarray, q: float) -> int:
     cum = hist.cumsum()
     return int(cum.searchsorted(q * cum[-1]))
 
-def _border(a: np.ndarray) -> list[np.ndarray]:
-    "The four edges of `a` as rows of pixels, 1/32 of its shorter side deep (at least 1)."
+def _border(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The top and bottom edges of `a`, then its left and right edges, as rows of pixels 1/32 of its shorter side deep (at least 1)."
     k = max(1, min(a.shape) // 32)
-    return [a[:k], a[-k:], a[:, :k].T, a[:, -k:].T]
+    return np.concatenate([a[:k], a[-k:]]), np.concatenate([a[:, :k], a[:, -k:]], axis=1).T
 
 def _paper_noise(a: np.ndarray) -> tuple[int, int]:
     "The background level (median of the border) and its noise (from differences of pixels 2 apart along it)."
@@ -249,15 +248,18 @@ _EVEN = 0.12   # a background varying less than this fraction of the paper level
 _PAPER = 96    # a border at least this bright is paper (dark ink), whatever a shadow does to the histogram
 _SMALL = 96    # unevenly lit photos are analysed at about this size (integer reductions, not below it)
 
-def _shadowed(a: np.ndarray) -> bool:
-    "Whether the border of `a` is part paper, part shadow: its brightest quarter paper, its darkest grey, not black."
+_BLACK = 32    # border levels below this are black (a dark page or a screen), not shadow
+
+def _shadowed(a: np.ndarray, bg: int) -> bool:
+    "Whether the border of `a` (median level `bg`) is part paper, part shadow: its brightest quarter paper, its darkest grey, not black."
+    if bg < _BLACK: return False                   # its darker half is black, so its darkest quarter is
     hist = np.bincount(np.concatenate([e.ravel() for e in _border(a)]), minlength=256)
     q25, q75 = _quantile(hist, 0.25), _quantile(hist, 0.75)
-    return q75 >= _PAPER and q25 >= max(32, q75 / 4)
+    return q75 >= _PAPER and q25 >= max(_BLACK, q75 / 4)
 
 def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> bool:
-    "Whether `a` (levels counted in `h`) is unevenly lit paper with dark ink on it."
-    if not (dark or bg >= _PAPER or _shadowed(a)) or (s := _surfaces(a)) is None: return False
+    "Whether `a` (levels counted in `h`, border median `bg`) is unevenly lit paper with dark ink on it."
+    if not (dark or bg >= _PAPER or _shadowed(a, bg)) or (s := _surfaces(a)) is None: return False
     under_dark, brightest, under_bright, _ = s
     p_dark = _quantile(h, 0.005)
     paper = under_dark > p_dark + max(band, (_quantile(h, 0.995) - p_dark) // 4)   # not inside bold strokes,
@@ -315,8 +317,8 @@ def _span(mask: np.ndarray, axis: int) -> tuple[int, int] | None:
     "First and past-the-end index of the inked lines of `mask` along `axis`, leaving out specks at either end."
     idx = np.flatnonzero(mask.any(axis=axis))
     if not len(idx): return None
+    if idx[-1] - idx[0] + 1 == len(idx): return int(idx[0]), int(idx[-1]) + 1  # one group: the usual case
     gaps = np.flatnonzero(np.diff(idx) > 1)
-    if not len(gaps): return int(idx[0]), int(idx[-1]) + 1  # one group: the usual case
     starts, ends = np.r_[idx[0], idx[gaps + 1]], np.r_[idx[gaps], idx[-1]] + 1
     counts = np.count_nonzero(mask, axis=axis)
     cum = np.cumsum([counts[a:b].sum() for a, b in zip(starts, ends)]) / counts.sum()
