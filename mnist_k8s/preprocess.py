@@ -289,7 +289,7 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
     d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)  # ink candidates: levels < d0 (dark), >= b0 (bright)
     dark = h[:d0] @ (d0 - _LEVELS[:d0]) >= h[b0:] @ (_LEVELS[b0:] - b0 + 1)   # more contrast on the dark side
     if not (uneven := _uneven(a, h, bg, band, dark)):   # one background level: a table of grey levels
-        x = np.clip((bg - _LEVELS) if dark else (_LEVELS - bg), 0, 255)
+        x = np.maximum((bg - _LEVELS) if dark else (_LEVELS - bg), 0)
         hx = np.bincount(x, weights=h, minlength=256)
     else:                                                # contrast with the paper around each pixel
         if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
