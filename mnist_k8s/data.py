@@ -85,13 +85,16 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None = None, shi
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 # %% ../nbs/01_data.ipynb #40669ceb
+def _shares(n: int, generator: torch.Generator | None, p: float, k: int) -> list[torch.Tensor]:
+    "Masks over `n` images: a random fraction `p` of them (one draw per image), split into `k` equal shares."
+    u = torch.rand(n, generator=generator)
+    return [(u >= p * i / k) & (u < p * (i + 1) / k) for i in range(k)]
+
 def random_blur(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.3,
                 sigmas: tuple[float, ...] = (0.6, 0.9, 1.3)) -> torch.Tensor:
     "Gaussian-blur a random fraction `p` of the images of `x` `[N, C, H, W]`, split evenly over `sigmas` (pixels)."
     from torchvision.transforms.functional import gaussian_blur
-    u = torch.rand(len(x), generator=generator)
-    for k, s in enumerate(sigmas):
-        m = (u >= p * k / len(sigmas)) & (u < p * (k + 1) / len(sigmas))
+    for m, s in zip(_shares(len(x), generator, p, len(sigmas)), sigmas):
         if m.any(): x[m] = gaussian_blur(x[m], kernel_size=7, sigma=s)
     return x
 
@@ -106,9 +109,7 @@ def stroke_width(x: torch.Tensor, size: int) -> torch.Tensor:
 def random_stroke(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.3,
                   sizes: tuple[int, ...] = (-2, 2, 3)) -> torch.Tensor:
     "Change the stroke width of a random fraction `p` of the images of `x`, split evenly over `sizes` (`stroke_width`)."
-    u = torch.rand(len(x), generator=generator)
-    for k, s in enumerate(sizes):
-        m = (u >= p * k / len(sizes)) & (u < p * (k + 1) / len(sizes))
+    for m, s in zip(_shares(len(x), generator, p, len(sizes)), sizes):
         if m.any(): x[m] = stroke_width(x[m], s)
     return x
 
