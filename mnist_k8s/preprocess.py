@@ -558,11 +558,10 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
 
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
 class _Found(NamedTuple):
-    "A digit found at the working size: its ink and box there, its box in the image's pixels, image px per working px."
+    "A digit found at the working size: its ink and box there, and its box in the image's pixels."
     ink: np.ndarray
     bbox: tuple[int, int, int, int]
     box: tuple[float, float, float, float]
-    scale: float
 
 def _locate(img: Image.Image) -> _Found | None:
     "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
@@ -573,7 +572,7 @@ def _locate(img: Image.Image) -> _Found | None:
     if inks is None or (found := _find(inks)) is None: return None
     crop, (l, t, r, b), (x0, y0) = found
     k = img.width / inks.shape[1]
-    return _Found(crop, (l, t, r, b), (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b)), k)
+    return _Found(crop, (l, t, r, b), (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b)))
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
 _SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
@@ -590,7 +589,7 @@ def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Imag
     region = big.crop((left, top, min(big.width, round((x1 + m) * s)), min(big.height, round((y1 + m) * s))))
     if (again := _locate(region)) is None: return found
     l, t, r, b = again.box                         # back to img's pixels
-    return again._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s), scale=again.scale / s)
+    return again._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s))
 
 # %% ../nbs/06_preprocess.ipynb #2281abf5
 def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:

@@ -133,7 +133,6 @@ def test_bold_ink_cut_by_the_frame_is_not_a_shadow():
     assert tried >= 500 and len(poor) <= 0.02 * tried, (tried, poor)
 
 
-
 def test_a_small_digit_in_a_photo_is_read_from_more_pixels(monkeypatch):
     """Phone photos with the digit 1/16 to 1/10 of the picture's height: a JPEG is decoded at about 256 px, where
     the digit spans 10 to 25 px, so it is read again from the picture decoded larger (before: median 0.79)."""
