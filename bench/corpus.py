@@ -268,6 +268,54 @@ def _phone_photo(digit, rng, size: tuple[int, int] | None = None):
     return _encode(out, "JPEG", quality=int(rng.integers(40, 92)))
 
 
+def _photo_finish(img, rng, vignette=(0.05, 0.25)) -> bytes:
+    "A camera's look: darker towards the corners, noise, a little blur, a JPEG."
+    H, W = img.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    img *= (1 - rng.uniform(*vignette) * (((xx / W - 0.5) ** 2 + (yy / H - 0.5) ** 2) * 2))[..., None]
+    out = Image.fromarray(np.clip(np.rint(img + rng.normal(0, rng.uniform(1, 5), img.shape)), 0, 255).astype(np.uint8))
+    return _encode(out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))), "JPEG", quality=int(rng.integers(50, 93)))
+
+
+def _page_on_table(digit, rng):
+    "A photo of a page on a table: the table (dark or mid grey, wood or plain) along one or two sides, beyond the page's slanted edge."
+    H = int(rng.integers(500, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.12, 0.3), canvas=(H, H + 1), rotate=10.0)
+    img = _paper(H, W, img[0, 0])
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    inward = {0: xx / W, 1: 1 - xx / W, 2: yy / H, 3: 1 - yy / H}       # from the left, right, top, bottom side
+    along = {0: yy / H, 1: yy / H, 2: xx / W, 3: xx / W}
+    table = np.zeros((H, W), bool)
+    for side in rng.choice(4, size=int(rng.integers(1, 3)), replace=False):
+        table |= inward[side] < rng.uniform(0.05, 0.25) + rng.uniform(-0.12, 0.12) * (along[side] - 0.5)
+    m = H // 10   # the digit on the page, clear of its edge (one within about 1/16 of the image is read with the table)
+    for _ in range(100):
+        x, y = int(rng.integers(0, W - a.shape[1])), int(rng.integers(0, H - a.shape[0]))
+        if not table[max(0, y - m):y + a.shape[0] + m, max(0, x - m):x + a.shape[1] + m].any(): break
+    else: table[:] = False
+    _place(img, a, x, y, ink)
+    tone = rng.uniform(25, 140)
+    hue = np.array((1.0, 0.72, 0.45) if rng.random() < 0.5 else (1.0, 1.0, 1.0), np.float32)   # wood or plain
+    grain = 1 + 0.12 * np.sin(along[0] * rng.uniform(20, 80) + rng.normal(0, 0.5, (H, W)))   # stripes along the boards
+    img[table] = (tone * grain[table])[:, None] * hue
+    return _photo_finish(img, rng)
+
+
+def _vignette(digit, rng):
+    "A photo of plain paper, 10 to 30% darker in its corners than in its middle, the digit anywhere on it."
+    img, a, x, y, ink = _on_paper(digit, rng, size_frac=(0.1, 0.35), canvas=(400, 1000), rotate=8.0)
+    _place(img, a, x, y, ink)
+    return _photo_finish(img, rng, (0.2, 0.6))   # x 0.5 at the corners: 10 to 30%
+
+
+def _faint_pencil(digit, rng):
+    "Light pencil, or a washed-out photo: the strokes only 25 to 50 grey levels darker than the paper."
+    img, a, x, y, _ = _on_paper(digit, rng, paper=(v := rng.uniform(150, 235),) * 3, weight=(-0.2, 0.4))
+    a = a * np.clip(rng.normal(0.85, 0.1, a.shape), 0, 1).astype(np.float32)   # graphite on paper fibres
+    _place(img, a, x, y, (v - rng.uniform(25, 50) / 0.85,) * 3)
+    return _photo_file(img + rng.normal(0, rng.uniform(0.5, 2.5), img.shape), rng, (70, 95))
+
+
 def phone_photo_1mp(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     "A phone-photo-like JPEG of about one megapixel (1152x864, either way up): the speed benchmark's input."
     return _phone_photo(np.asarray(digit, np.uint8), rng, (1152, 864) if rng.random() < 0.5 else (864, 1152))
@@ -375,6 +423,7 @@ _CONDITIONS = {
     "tight_dark_on_light": _tight_dark_on_light,
     "canvas": _canvas, "transparent_png": _transparent_png, "exif_jpeg": _exif_jpeg, "off_white": _off_white,
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
+    "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 

@@ -188,7 +188,7 @@ def _composite(grey: Image.Image, alpha: Image.Image | None, paper: int) -> Imag
 
 # %% ../nbs/06_preprocess.ipynb #dd6c56b2
 _NOISE_BAND = 16    # grey levels: at least this far from the background to count as ink
-_MIN_CONTRAST = 40  # an ink level (90th percentile) weaker than this is noise, not a digit
+_MIN_CONTRAST = 24  # an ink level (90th percentile) weaker than this is noise, not a digit (faint pencil is about 30)
 _MIN_INK = 1e-4     # ... and so is ink on fewer than this fraction of the pixels
 
 _LEVELS = np.arange(256)
@@ -203,10 +203,22 @@ def _border(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = max(1, min(a.shape) // 32)
     return np.concatenate([a[:k], a[-k:]]), np.concatenate([a[:, :k], a[:, -k:]], axis=1).T
 
+_SPLIT = 64   # grey levels between the border's 10th and 90th percentiles: something else lies along some sides
+
+def _sides_level(edges: tuple[np.ndarray, np.ndarray]) -> int:
+    "The paper's level when the border's sides disagree: the level three sides share, else the brightest."
+    k = edges[0].shape[0] // 2
+    meds = sorted(_quantile(np.bincount(s.ravel(), minlength=256), 0.5) for e in edges for s in (e[:k], e[k:]))
+    if meds[2] - meds[0] <= _SPLIT // 2: return meds[1]   # three sides agree
+    if meds[3] - meds[1] <= _SPLIT // 2: return meds[2]
+    return meds[3]   # two against two: paper is lighter than the table beside it, and than a bold digit's ink
+
 def _paper_noise(a: np.ndarray) -> tuple[int, int]:
-    "The background level (median of the border) and its noise (from differences of pixels 2 apart along it)."
+    "The background level (median of the border, see `_sides_level`) and its noise (from differences of pixels 2 apart along it)."
     edges = _border(a)
-    bg = _quantile(np.bincount(np.concatenate([e.ravel() for e in edges]), minlength=256), 0.5)
+    cum = np.bincount(np.concatenate([e.ravel() for e in edges]), minlength=256).cumsum()
+    lo, bg, hi = cum.searchsorted(np.array([0.1, 0.5, 0.9]) * cum[-1]).tolist()   # as `_quantile` does
+    if hi - lo > _SPLIT: bg = _sides_level(edges)
     diffs = np.concatenate([np.abs(e[:, 2:].astype(np.int16) - e[:, :-2]).ravel() for e in edges])
     return bg, int(_quantile(np.bincount(diffs), 0.5) * 0.7 + 0.5) if diffs.size else 0   # ~ the MAD of Gaussian noise
 
@@ -269,7 +281,7 @@ def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> boo
         v = np.sort(grid, axis=None); return int(v[len(v) * 49 // 50]) - int(v[len(v) // 50]) if len(v) >= 4 else 0
     return paper.sum() >= 4 and _EVEN * max(bg, 32) < spread(under_dark[paper]) <= spread(under_bright)
 
-# %% ../nbs/06_preprocess.ipynb #c1022395
+# %% ../nbs/06_preprocess.ipynb #6a08af77
 _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
 
 def _histogram(a: np.ndarray) -> np.ndarray:
@@ -278,7 +290,6 @@ def _histogram(a: np.ndarray) -> np.ndarray:
     img = Image.fromarray(a)
     return np.array((img.reduce(2) if a.size > 1 << 16 else img).histogram(), np.float64)
 
-# %% ../nbs/06_preprocess.ipynb #6a08af77
 def _ink_map(a: np.ndarray) -> np.ndarray | None:
     "Ink strength (uint8: background 0, ink 255) of grey image `a`, or None if blank (may be half `a`'s size)."
     bg, mad = _paper_noise(a)
@@ -287,7 +298,7 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
     band = max(_NOISE_BAND, 4 * mad)
     h = _histogram(a)
     d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)  # ink candidates: levels < d0 (dark), >= b0 (bright)
-    dark = h[:d0] @ (d0 - _LEVELS[:d0]) >= h[b0:] @ (_LEVELS[b0:] - b0 + 1)   # more contrast on the dark side
+    dark = h[:d0] @ (d0 - _LEVELS[:d0]) ** 2 >= h[b0:] @ (_LEVELS[b0:] - b0 + 1) ** 2   # more contrast on the dark side
     if not (uneven := _uneven(a, h, bg, band, dark)):   # one background level: a table of grey levels
         x = np.maximum((bg - _LEVELS) if dark else (_LEVELS - bg), 0)
         hx = np.bincount(x, weights=h, minlength=256)
@@ -419,6 +430,25 @@ def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
     for i, (y, s, e) in enumerate(zip(ys, starts, ends)): lab[y, s:e] = index[i + 1]
     return lab, len(uniq) - 1
 
+# %% ../nbs/06_preprocess.ipynb #3404e38e
+_EDGE = 0.3    # a mark along this fraction of the image's sides, in all, came in from outside the page ...
+_FRAME = 0.8   # ... unless it spans this fraction of the image both ways: a digit framed tightly
+_WHOLE = 0.9   # ... and lies along less than this fraction of every side (a table along two sides spans it too)
+
+def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    "The first and last (row, column) of component `c` in the labelled `grid`."
+    yy, xx = np.nonzero(grid == c)
+    return np.array([yy.min(), xx.min()]), np.array([yy.max(), xx.max()])
+
+def _from_edges(grid: np.ndarray, n: int) -> np.ndarray:
+    "For labels 0..n of `grid`: whether the component comes in from the image's sides (the table beside the page, its edge, a shadow)."
+    sides = np.array([np.bincount(s, minlength=n + 1) / len(s) for s in (grid[0], grid[-1], grid[:, 0], grid[:, -1])])
+    out = np.zeros(n + 1, bool)   # sides: the share of each side that each component lies on
+    for c in np.flatnonzero(sides[:, 1:].sum(0) >= _EDGE) + 1:
+        lo, hi = _box(grid, c)
+        out[c] = ((hi - lo + 1) < _FRAME * np.array(grid.shape)).any() or sides[:, c].max() >= _WHOLE
+    return out
+
 # %% ../nbs/06_preprocess.ipynb #093561a2
 _NEAR = 0.5  # parts reaching within this fraction of the digit's size of its box belong to it (a broken 5)
 _PART = 0.08 # ... if they hold at least this fraction of its ink (less is a speck)
@@ -432,21 +462,22 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     counts = _blocks(m, g, np.add).ravel()
     lab, n = _components(counts.reshape(h, w) > (g > 1))   # a lone pixel in a cell is a speck
     if n <= 1: return None if n == 0 else (_grow(_grow(lab > 0, 1).T, 1).T, g)   # one mark: nothing to choose
-    lab = lab.ravel()
+    grid, lab = lab, lab.ravel()
     ys, xs = np.divmod(np.arange(h * w), w)   # each cell's row and column
     mass = np.bincount(lab, weights=counts, minlength=n + 1)
     cy = np.bincount(lab, weights=ys * counts, minlength=n + 1) / np.maximum(mass, 1)
     cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
-    best = int((mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5)))[1:].argmax()) + 1
-    grid = lab.reshape(h, w)
-    def box(c):
-        yy, xx = np.nonzero(grid == c); return np.array([yy.min(), xx.min()]), np.array([yy.max(), xx.max()])
-    lo, hi = box(best)
+    score = mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
+    edge = _from_edges(grid, n)
+    if not (edge | (np.bincount(lab, minlength=n + 1) < 2))[1:].all(): score[edge] = -1   # unless nothing else is left
+    else: edge[:] = False
+    best = int(score[1:].argmax()) + 1
+    lo, hi = _box(grid, best)
     grow = _NEAR * (hi - lo + 1).max()
     keep = np.zeros(n + 1, bool); keep[best] = True
-    for c in np.flatnonzero(mass >= _PART * mass[best]):
+    for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge):
         if c and c != best:
-            l, u = box(c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
+            l, u = _box(grid, c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
                                       or mass[c] >= _RIVAL * mass[best])              # or a second digit
     return _grow(_grow(keep[grid], 1).T, 1).T, g   # and one cell around: the strokes' faint edges
 
@@ -556,6 +587,18 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     if lines is not None: crop[lines[y0:y1, x0:x1]] = 0
     return None if (bbox := _ink_bbox(crop)) is None else (crop, bbox, (x0, y0))
 
+# %% ../nbs/06_preprocess.ipynb #2d14df96
+_SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its box inked; looked into this far from its edges
+
+def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+    "Whether the `ink` found in `box` of a working image of `shape` is a sheet on a darker table (see above)."
+    if max(shape) <= _CELLS: return False   # a thumbnail: the digit itself
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    inside = x0 > 0 and y0 > 0 and x1 < shape[1] and y1 < shape[0]
+    return (inside and max(w, h) < 2.5 * min(w, h) and min(w, h) >= max(shape) / 8
+            and (ink >= _HALF).mean() >= _SOLID)
+
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
 class _Found(NamedTuple):
     "A digit found at the working size: its ink and box there, and its box in the image's pixels."
@@ -563,7 +606,7 @@ class _Found(NamedTuple):
     bbox: tuple[int, int, int, int]
     box: tuple[float, float, float, float]
 
-def _locate(img: Image.Image) -> _Found | None:
+def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
     grey, alpha = _layers(img)
     inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), _WORK)))
@@ -572,7 +615,14 @@ def _locate(img: Image.Image) -> _Found | None:
     if inks is None or (found := _find(inks)) is None: return None
     crop, (l, t, r, b), (x0, y0) = found
     k = img.width / inks.shape[1]
-    return _Found(crop, (l, t, r, b), (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b)))
+    box = (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b))
+    if inside and _sheet(crop[t:b, l:r], (x0 + l, y0 + t, x0 + r, y0 + b), inks.shape):
+        m = _INSET * min(box[2] - box[0], box[3] - box[1])   # on the sheet, clear of its edges
+        sub = (round(box[0] + m), round(box[1] + m), round(box[2] - m), round(box[3] - m))
+        if (again := _locate(img.crop(sub), inside=False)) is not None:
+            x, y = sub[:2]; l, t, r, b = again.box
+            return again._replace(box=(x + l, y + t, x + r, y + b))
+    return _Found(crop, (l, t, r, b), box)
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
 _SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
