@@ -431,9 +431,7 @@ def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, len(uniq) - 1
 
 # %% ../nbs/06_preprocess.ipynb #3404e38e
-_EDGE = 0.3    # a mark along this fraction of the image's sides, in all, came in from outside the page ...
-_FRAME = 0.8   # ... unless it spans this fraction of the image both ways: a digit framed tightly
-_WHOLE = 0.9   # ... and lies along less than this fraction of every side (a table along two sides spans it too)
+_EDGE = 0.3    # a mark along this fraction of the image's sides, in all, may have come in from outside the page
 
 def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     "The first and last (row, column) of component `c` in the labelled `grid`."
@@ -441,12 +439,14 @@ def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array([yy.min(), xx.min()]), np.array([yy.max(), xx.max()])
 
 def _from_edges(grid: np.ndarray, n: int) -> np.ndarray:
-    "For labels 0..n of `grid`: whether the component comes in from the image's sides (the table beside the page, its edge, a shadow)."
-    sides = np.array([np.bincount(s, minlength=n + 1) / len(s) for s in (grid[0], grid[-1], grid[:, 0], grid[:, -1])])
-    out = np.zeros(n + 1, bool)   # sides: the share of each side that each component lies on
-    for c in np.flatnonzero(sides[:, 1:].sum(0) >= _EDGE) + 1:
+    "For labels 0..n of `grid`: whether the component came in from the image's sides (the table beside the page, its edge, a shadow)."
+    h, w = grid.shape
+    cells = np.array([np.bincount(s, minlength=n + 1) for s in (grid[0], grid[-1], grid[:, 0], grid[:, -1])])
+    out = np.zeros(n + 1, bool)   # cells: how many cells of each side each component lies on
+    for c in np.flatnonzero((cells[:, 1:] / np.array([[w], [w], [h], [h]])).sum(0) >= _EDGE) + 1:
         lo, hi = _box(grid, c)
-        out[c] = ((hi - lo + 1) < _FRAME * np.array(grid.shape)).any() or sides[:, c].max() >= _WHOLE
+        rows, cols = hi - lo + 1
+        out[c] = (cells[:, c] >= (rows, rows, cols, cols)).any()   # along a side further than it reaches in from it
     return out
 
 # %% ../nbs/06_preprocess.ipynb #093561a2
