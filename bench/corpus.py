@@ -260,21 +260,19 @@ def _phone_photo(digit, rng, size: tuple[int, int] | None = None):
     x = int(rng.integers(0, W - a.shape[1])); y = int(rng.integers(0, H - a.shape[0]))
     _place(img, a, x, y, ink)
     light = _light(H, W, rng, rng.uniform(0.2, 0.55), ["gradient", "edge", "spot"][int(rng.integers(3))])
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    vignette = 1 - rng.uniform(0.05, 0.25) * (((xx / W - 0.5) ** 2 + (yy / H - 0.5) ** 2) * 2)
-    img *= (light * vignette)[..., None]
-    out = Image.fromarray(np.clip(np.rint(img + rng.normal(0, rng.uniform(2, 9), img.shape)), 0, 255).astype(np.uint8))
-    out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
-    return _encode(out, "JPEG", quality=int(rng.integers(40, 92)))
+    return _photo_finish(img, rng, light, noise=(2, 9), blur=(0.3, 1.5), quality=(40, 92))
 
 
-def _photo_finish(img, rng, vignette=(0.05, 0.25)) -> bytes:
-    "A camera's look: darker towards the corners, noise, a little blur, a JPEG."
+def _photo_finish(img, rng, light=None, vignette=(0.05, 0.25), noise=(1, 5), blur=(0.3, 1.2), quality=(50, 93)) -> bytes:
+    "A camera's look: the `light` field, darker towards the corners, noise, a little blur, a JPEG."
     H, W = img.shape[:2]
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    img *= (1 - rng.uniform(*vignette) * (((xx / W - 0.5) ** 2 + (yy / H - 0.5) ** 2) * 2))[..., None]
-    out = Image.fromarray(np.clip(np.rint(img + rng.normal(0, rng.uniform(1, 5), img.shape)), 0, 255).astype(np.uint8))
-    return _encode(out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))), "JPEG", quality=int(rng.integers(50, 93)))
+    fall = 1 - rng.uniform(*vignette) * (((xx / W - 0.5) ** 2 + (yy / H - 0.5) ** 2) * 2)
+    img *= (fall if light is None else light * fall)[..., None]
+    out = Image.fromarray(np.clip(np.rint(img + rng.normal(0, rng.uniform(*noise), img.shape)), 0, 255).astype(np.uint8))
+    return _encode(out.filter(ImageFilter.GaussianBlur(rng.uniform(*blur))), "JPEG", quality=int(rng.integers(*quality)))
+
+
 
 
 def _page_on_table(digit, rng):
@@ -305,7 +303,7 @@ def _vignette(digit, rng):
     "A photo of plain paper, 10 to 30% darker in its corners than in its middle, the digit anywhere on it."
     img, a, x, y, ink = _on_paper(digit, rng, size_frac=(0.1, 0.35), canvas=(400, 1000), rotate=8.0)
     _place(img, a, x, y, ink)
-    return _photo_finish(img, rng, (0.2, 0.6))   # x 0.5 at the corners: 10 to 30%
+    return _photo_finish(img, rng, vignette=(0.2, 0.6))   # x 0.5 at the corners: 10 to 30%
 
 
 def _faint_pencil(digit, rng):

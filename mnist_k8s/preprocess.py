@@ -193,10 +193,11 @@ _MIN_INK = 1e-4     # ... and so is ink on fewer than this fraction of the pixel
 
 _LEVELS = np.arange(256)
 
-def _quantile(hist: np.ndarray, q: float) -> int:
-    "The first level at which the histogram's cumulative count reaches a fraction `q` of its total."
+def _quantile(hist: np.ndarray, q: float | tuple[float, ...]) -> int | list[int]:
+    "The first level at which the histogram's cumulative count reaches a fraction `q` of its total (each of a tuple `q`)."
     cum = hist.cumsum()
-    return int(cum.searchsorted(q * cum[-1]))
+    at = cum.searchsorted(np.multiply(q, cum[-1]))
+    return at.tolist() if isinstance(q, tuple) else int(at)
 
 def _border(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "The top and bottom edges of `a`, then its left and right edges, as rows of pixels 1/32 of its shorter side deep (at least 1)."
@@ -216,8 +217,7 @@ def _sides_level(edges: tuple[np.ndarray, np.ndarray]) -> int:
 def _paper_noise(a: np.ndarray) -> tuple[int, int]:
     "The background level (median of the border, see `_sides_level`) and its noise (from differences of pixels 2 apart along it)."
     edges = _border(a)
-    cum = np.bincount(np.concatenate([e.ravel() for e in edges]), minlength=256).cumsum()
-    lo, bg, hi = cum.searchsorted(np.array([0.1, 0.5, 0.9]) * cum[-1]).tolist()   # as `_quantile` does
+    lo, bg, hi = _quantile(np.bincount(np.concatenate([e.ravel() for e in edges]), minlength=256), (0.1, 0.5, 0.9))
     if hi - lo > _SPLIT: bg = _sides_level(edges)
     diffs = np.concatenate([np.abs(e[:, 2:].astype(np.int16) - e[:, :-2]).ravel() for e in edges])
     return bg, int(_quantile(np.bincount(diffs), 0.5) * 0.7 + 0.5) if diffs.size else 0   # ~ the MAD of Gaussian noise
@@ -469,8 +469,9 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
     score = mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
     edge = _from_edges(grid, n)
-    if not (edge | (np.bincount(lab, minlength=n + 1) < 2))[1:].all(): score[edge] = -1   # unless nothing else is left
-    else: edge[:] = False
+    rest = ~edge & (np.bincount(lab, minlength=n + 1) >= 2)   # marks of two cells or more, not from the sides
+    if rest[1:].any(): score[edge] = -1
+    else: edge[:] = False                                      # nothing else is left: they are all there is
     best = int(score[1:].argmax()) + 1
     lo, hi = _box(grid, best)
     grow = _NEAR * (hi - lo + 1).max()
