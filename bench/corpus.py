@@ -273,8 +273,6 @@ def _photo_finish(img, rng, light=None, vignette=(0.05, 0.25), noise=(1, 5), blu
     return _encode(out.filter(ImageFilter.GaussianBlur(rng.uniform(*blur))), "JPEG", quality=int(rng.integers(*quality)))
 
 
-
-
 def _page_on_table(digit, rng):
     "A photo of a page on a table: the table (dark or mid grey, wood or plain) along one or two sides, beyond the page's slanted edge."
     H = int(rng.integers(500, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
@@ -308,7 +306,8 @@ def _vignette(digit, rng):
 
 def _faint_pencil(digit, rng):
     "Light pencil, or a washed-out photo: the strokes only 25 to 50 grey levels darker than the paper."
-    img, a, x, y, _ = _on_paper(digit, rng, paper=(v := rng.uniform(150, 235),) * 3, weight=(-0.2, 0.4))
+    v = rng.uniform(150, 235)   # the paper's grey
+    img, a, x, y, _ = _on_paper(digit, rng, paper=(v, v, v), weight=(-0.2, 0.4))
     a = a * np.clip(rng.normal(0.85, 0.1, a.shape), 0, 1).astype(np.float32)   # graphite on paper fibres
     _place(img, a, x, y, (v - rng.uniform(25, 50) / 0.85,) * 3)
     return _photo_file(img + rng.normal(0, rng.uniform(0.5, 2.5), img.shape), rng, (70, 95))

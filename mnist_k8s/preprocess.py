@@ -266,7 +266,7 @@ def _shadowed(a: np.ndarray, bg: int) -> bool:
     "Whether the border of `a` (median level `bg`) is part paper, part shadow: its brightest quarter paper, its darkest grey, not black."
     if bg < _BLACK: return False                   # its darker half is black, so its darkest quarter is
     hist = np.bincount(np.concatenate([e.ravel() for e in _border(a)]), minlength=256)
-    q25, q75 = _quantile(hist, 0.25), _quantile(hist, 0.75)
+    q25, q75 = _quantile(hist, (0.25, 0.75))
     return q75 >= _PAPER and q25 >= max(_BLACK, q75 / 4)
 
 def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> bool:
@@ -607,6 +607,11 @@ class _Found(NamedTuple):
     bbox: tuple[int, int, int, int]
     box: tuple[float, float, float, float]
 
+    def moved(self, left: float, top: float, s: float = 1.0) -> _Found:
+        "Found in a crop at (`left`, `top`) of a picture with `s` px per px of this one: the box in this one's pixels."
+        l, t, r, b = self.box
+        return self._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s))
+
 def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
     grey, alpha = _layers(img)
@@ -620,9 +625,7 @@ def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     if inside and _sheet(crop[t:b, l:r], (x0 + l, y0 + t, x0 + r, y0 + b), inks.shape):
         m = _INSET * min(box[2] - box[0], box[3] - box[1])   # on the sheet, clear of its edges
         sub = (round(box[0] + m), round(box[1] + m), round(box[2] - m), round(box[3] - m))
-        if (again := _locate(img.crop(sub), inside=False)) is not None:
-            x, y = sub[:2]; l, t, r, b = again.box
-            return again._replace(box=(x + l, y + t, x + r, y + b))
+        if (again := _locate(img.crop(sub), inside=False)) is not None: return again.moved(*sub[:2])
     return _Found(crop, (l, t, r, b), box)
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
@@ -638,9 +641,7 @@ def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Imag
     if s * f < 1.5: return found                   # not half as many pixels again: nothing to gain
     left, top = max(0, round((x0 - m) * s)), max(0, round((y0 - m) * s))
     region = big.crop((left, top, min(big.width, round((x1 + m) * s)), min(big.height, round((y1 + m) * s))))
-    if (again := _locate(region)) is None: return found
-    l, t, r, b = again.box                         # back to img's pixels
-    return again._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s))
+    return found if (again := _locate(region)) is None else again.moved(left, top, s)   # back to img's pixels
 
 # %% ../nbs/06_preprocess.ipynb #2281abf5
 def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
