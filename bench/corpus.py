@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["CONDITIONS", "PHONE_DIGIT", "realistic", "uploads", "mnist", "shape", "phone_photo_1mp"]
 
@@ -313,6 +313,33 @@ def _faint_pencil(digit, rng):
     return _photo_file(img + rng.normal(0, rng.uniform(0.5, 2.5), img.shape), rng, (70, 95))
 
 
+def _boxed(digit, rng):
+    "A digit written in a form's box, or circled: a closed rectangle (tilted) or ellipse around it, clear of its strokes."
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.2, 0.4), canvas=(200, 900), rotate=5.0)
+    (h, w), (H, W) = a.shape, img.shape[:2]
+    gap = rng.uniform(0.12, 0.3) * max(h, w)                             # between the strokes and the frame
+    rx, ry = w / 2 + gap, h / 2 + gap
+    box = rng.random() < 0.5
+    if not box:                                                          # a circle, or an ellipse
+        r = max(rx, ry) * rng.uniform(1.0, 1.15)
+        rx, ry = (r, r) if rng.random() < 0.5 else (rx * 1.25, ry * 1.2)
+    width = max(1, round(rng.uniform(0.01, 0.03) * max(H, W)))
+    m = 1.1 * max(rx, ry) + width                                        # room for the frame, tilted, inside the picture
+    cx, cy = rng.uniform(m, max(m + 1, W - m)), rng.uniform(m, max(m + 1, H - m))
+    s = 4                                                                # drawn at 4x, then averaged: anti-aliased
+    frame = Image.new("L", (W * s, H * s), 0)
+    draw = ImageDraw.Draw(frame)
+    if box:                                                              # tilted up to 4 degrees
+        t = math.radians(rng.uniform(-4, 4))
+        corners = [(cx + dx * math.cos(t) - dy * math.sin(t), cy + dx * math.sin(t) + dy * math.cos(t))
+                   for dx, dy in ((-rx, -ry), (rx, -ry), (rx, ry), (-rx, ry))]
+        draw.line([(u * s, v * s) for u, v in corners + corners[:1]], fill=255, width=width * s, joint="curve")
+    else: draw.ellipse([(cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s], outline=255, width=width * s)
+    _lay(img, np.asarray(frame.reduce(s), np.float32) / 255, ink if rng.random() < 0.5 else _ink(rng))
+    _place(img, a, round(cx - w / 2), round(cy - h / 2), ink)
+    return _photo_file(img + rng.normal(0, 3, img.shape), rng)
+
+
 def phone_photo_1mp(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     "A phone-photo-like JPEG of about one megapixel (1152x864, either way up): the speed benchmark's input."
     return _phone_photo(np.asarray(digit, np.uint8), rng, (1152, 864) if rng.random() < 0.5 else (864, 1152))
@@ -420,7 +447,7 @@ _CONDITIONS = {
     "tight_dark_on_light": _tight_dark_on_light,
     "canvas": _canvas, "transparent_png": _transparent_png, "exif_jpeg": _exif_jpeg, "off_white": _off_white,
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
-    "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil,
+    "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 

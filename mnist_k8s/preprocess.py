@@ -565,6 +565,28 @@ def _place(digit: np.ndarray) -> np.ndarray:
     peak = out.max()
     return out / peak if 0 < peak < 1 else out
 
+# %% ../nbs/06_preprocess.ipynb #2b819914
+_HUG = 0.5      # a frame lies near each side of its box (within 1/10 of it) along at least this fraction of the side
+_FRAMED = 0.2   # marks enclosed by others, with at least this fraction of their ink: the digit in a frame
+
+def _hugs(mask: np.ndarray) -> bool:
+    "Whether the ink of `mask`, cropped to its box, lies along all four sides of the box, as a frame does."
+    if max(mask.shape) > 3 * min(mask.shape): return False   # a "1" or a line, not a frame
+    def along(m):   # the fraction of rows whose first ink, from the left and from the right, is near that side
+        near, inked = m.shape[1] / 10, m.any(1)
+        return min(((m.argmax(1) <= near) & inked).mean(), ((m[:, ::-1].argmax(1) <= near) & inked).mean())
+    return min(along(mask), along(mask.T)) >= _HUG
+
+def _enclosed(mask: np.ndarray) -> np.ndarray | None:
+    "The marks of `mask` enclosed by another (a box or a circle drawn around the digit); None if there are none."
+    lab, n = _components(mask)
+    if n < 2: return None
+    gaps, _ = _components(~_dilate(mask, 1))        # the background's regions; those on the sides are outside
+    outside = np.isin(gaps, np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])))
+    outer = np.unique(lab[_dilate(outside, 2) & mask])   # the marks it reaches
+    inner = np.isin(lab, outer, invert=True) & mask
+    return inner if inner.sum() >= _FRAMED * (mask.sum() - inner.sum()) else None
+
 # %% ../nbs/06_preprocess.ipynb #e479a1a6
 _WORK = 256  # analyse big images at this size (integer reductions keep the longer side >= this)
 
@@ -586,7 +608,12 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)
     crop = inks[y0:y1, x0:x1] * keep[:min(y1, inks.shape[0]) - y0, :min(x1, inks.shape[1]) - x0]
     if lines is not None: crop[lines[y0:y1, x0:x1]] = 0
-    return None if (bbox := _ink_bbox(crop)) is None else (crop, bbox, (x0, y0))
+    if (bbox := _ink_bbox(crop)) is None: return None
+    l, t, r, b = bbox
+    if _hugs(crop[t:b, l:r] >= _INKED) and (inner := _enclosed(crop >= _INKED)) is not None:
+        crop = crop * _dilate(inner, 1)             # the digit without its frame (and its strokes' faint edges)
+        if (bbox := _ink_bbox(crop)) is None: return None
+    return crop, bbox, (x0, y0)
 
 # %% ../nbs/06_preprocess.ipynb #2d14df96
 _SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its box inked; looked into this far from its edges
