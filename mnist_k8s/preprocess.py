@@ -607,7 +607,7 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     y0, y1, x0, x1 = ys.min() * g, (ys.max() + 1) * g, xs.min() * g, (xs.max() + 1) * g
     keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)
     crop = inks[y0:y1, x0:x1] * keep[:min(y1, inks.shape[0]) - y0, :min(x1, inks.shape[1]) - x0]
-    if lines is not None: crop[lines[y0:y1, x0:x1]] = 0
+    if lines is not None: crop *= _dilate(mask[y0:y1, x0:x1], 1) & ~lines[y0:y1, x0:x1]   # and their faint fringes
     if (bbox := _ink_bbox(crop)) is None: return None
     l, t, r, b = bbox
     if _hugs(crop[t:b, l:r] >= _INKED) and (inner := _enclosed(crop >= _INKED)) is not None:
