@@ -582,10 +582,11 @@ def _enclosed(mask: np.ndarray) -> np.ndarray | None:
     lab, n = _components(mask)
     if n < 2: return None
     gaps, _ = _components(~_dilate(mask, 1))        # the background's regions; those on the sides are outside
-    outside = np.isin(gaps, np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])))
+    sides = np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])
+    outside = np.isin(gaps, sides[sides > 0])
     outer = np.unique(lab[_dilate(outside, 2) & mask])   # the marks it reaches
     inner = np.isin(lab, outer, invert=True) & mask
-    return inner if inner.sum() >= _FRAMED * (mask.sum() - inner.sum()) else None
+    return inner if len(outer) and inner.sum() >= _FRAMED * (mask.sum() - inner.sum()) else None
 
 # %% ../nbs/06_preprocess.ipynb #e479a1a6
 _WORK = 256  # analyse big images at this size (integer reductions keep the longer side >= this)
