@@ -340,6 +340,23 @@ def _boxed(digit, rng):
     return _photo_file(img + rng.normal(0, 3, img.shape), rng)
 
 
+def _underlined(digit, rng):
+    "An answer underlined on a form: a line under the digit, clear of its strokes, as wide as it or wider, tilted a little."
+    img, a, x, y, ink = _on_paper(digit, rng, size_frac=(0.25, 0.5), canvas=(200, 900), rotate=5.0)
+    (h, w), (H, W) = a.shape, img.shape[:2]
+    y = min(y, int(H - 1.35 * h))                                       # room below the digit for the line
+    gap, reach = rng.uniform(0.08, 0.25) * h, rng.uniform(0.55, 0.9) * max(w, 0.6 * h)
+    cx, ly, t = x + w / 2, y + h + gap, math.tan(math.radians(rng.uniform(-3, 3)))
+    width = max(1, round(rng.uniform(0.04, 0.1) * h))
+    s = 4                                                                # drawn at 4x, then averaged: anti-aliased
+    line = Image.new("L", (W * s, H * s), 0)
+    ImageDraw.Draw(line).line([((cx - reach) * s, (ly - reach * t) * s), ((cx + reach) * s, (ly + reach * t) * s)],
+                              fill=255, width=width * s)
+    _lay(img, np.asarray(line.reduce(s), np.float32) / 255, ink)
+    _place(img, a, x, y, ink)
+    return _photo_file(img + rng.normal(0, 3, img.shape), rng)
+
+
 def phone_photo_1mp(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     "A phone-photo-like JPEG of about one megapixel (1152x864, either way up): the speed benchmark's input."
     return _phone_photo(np.asarray(digit, np.uint8), rng, (1152, 864) if rng.random() < 0.5 else (864, 1152))
@@ -448,6 +465,7 @@ _CONDITIONS = {
     "canvas": _canvas, "transparent_png": _transparent_png, "exif_jpeg": _exif_jpeg, "off_white": _off_white,
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
     "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
+    "underlined": _underlined,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 

@@ -588,6 +588,19 @@ def _enclosed(mask: np.ndarray) -> np.ndarray | None:
     inner = np.isin(lab, outer, invert=True) & mask
     return inner if len(outer) and inner.sum() >= _FRAMED * (mask.sum() - inner.sum()) else None
 
+# %% ../nbs/06_preprocess.ipynb #0a48070a
+_FLAT, _UNDER = 4, 0.5   # an underline: this many times as wide as it is high, and as wide as this much of the ink
+
+def _underlined(mask: np.ndarray) -> np.ndarray | None:
+    "`mask` without a line drawn under the rest of its ink, below a row with none; None if there is none."
+    rows = np.flatnonzero(mask.any(1))
+    if (gaps := np.flatnonzero(np.diff(rows) > 1)).size == 0: return None   # the usual case: no empty row
+    top, cols = rows[gaps[-1] + 1], np.flatnonzero(mask.any(0))             # the lowest band of ink starts at top
+    xs = np.flatnonzero(mask[top:].any(0))
+    if xs[-1] - xs[0] + 1 < max(_FLAT * (rows[-1] - top + 1), _UNDER * (cols[-1] - cols[0] + 1)): return None
+    rest = mask.copy(); rest[top:] = False
+    return rest
+
 # %% ../nbs/06_preprocess.ipynb #e479a1a6
 _WORK = 256  # analyse big images at this size (integer reductions keep the longer side >= this)
 
@@ -613,6 +626,9 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     l, t, r, b = bbox
     if _hugs(crop[t:b, l:r] >= _INKED) and (inner := _enclosed(crop >= _INKED)) is not None:
         crop = crop * _dilate(inner, 1)             # the digit without its frame (and its strokes' faint edges)
+        if (bbox := _ink_bbox(crop)) is None: return None
+    if (rest := _underlined(crop >= _INKED)) is not None:
+        crop = crop * _dilate(rest, 1)              # the digit without the line under it
         if (bbox := _ink_bbox(crop)) is None: return None
     return crop, bbox, (x0, y0)
 
