@@ -76,6 +76,14 @@ def _lines(h: int, w: int, spacing: float, thickness: float, degrees: float, off
     return np.clip(thickness / 2 + 0.5 - d, 0, 1)
 
 
+def _drawn(h: int, w: int, paint) -> np.ndarray:
+    "Coverage (float32 in [0, 1]) of what `paint(draw, s)` draws on an h x w page scaled by s: drawn at 4x, then averaged (anti-aliased)."
+    s = 4
+    canvas = Image.new("L", (w * s, h * s), 0)
+    paint(ImageDraw.Draw(canvas), s)
+    return np.asarray(canvas.reduce(s), np.float32) / 255
+
+
 def _lay(img: np.ndarray, cover: np.ndarray, colour) -> None:
     "Lay ink of `colour` with coverage `cover` on `img` (in place)."
     c = cover[..., None]
@@ -326,16 +334,15 @@ def _boxed(digit, rng):
     width = max(1, round(rng.uniform(0.01, 0.03) * max(H, W)))
     m = 1.1 * max(rx, ry) + width                                        # room for the frame, tilted, inside the picture
     cx, cy = rng.uniform(m, max(m + 1, W - m)), rng.uniform(m, max(m + 1, H - m))
-    s = 4                                                                # drawn at 4x, then averaged: anti-aliased
-    frame = Image.new("L", (W * s, H * s), 0)
-    draw = ImageDraw.Draw(frame)
-    if box:                                                              # tilted up to 4 degrees
-        t = math.radians(rng.uniform(-4, 4))
-        corners = [(cx + dx * math.cos(t) - dy * math.sin(t), cy + dx * math.sin(t) + dy * math.cos(t))
-                   for dx, dy in ((-rx, -ry), (rx, -ry), (rx, ry), (-rx, ry))]
-        draw.line([(u * s, v * s) for u, v in corners + corners[:1]], fill=255, width=width * s, joint="curve")
-    else: draw.ellipse([(cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s], outline=255, width=width * s)
-    _lay(img, np.asarray(frame.reduce(s), np.float32) / 255, ink if rng.random() < 0.5 else _ink(rng))
+    t = math.radians(rng.uniform(-4, 4)) if box else 0.0                 # a box is tilted up to 4 degrees
+
+    def paint(draw, s):
+        if box:
+            corners = [(cx + dx * math.cos(t) - dy * math.sin(t), cy + dx * math.sin(t) + dy * math.cos(t))
+                       for dx, dy in ((-rx, -ry), (rx, -ry), (rx, ry), (-rx, ry))]
+            draw.line([(u * s, v * s) for u, v in corners + corners[:1]], fill=255, width=width * s, joint="curve")
+        else: draw.ellipse([(cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s], outline=255, width=width * s)
+    _lay(img, _drawn(H, W, paint), ink if rng.random() < 0.5 else _ink(rng))
     _place(img, a, round(cx - w / 2), round(cy - h / 2), ink)
     return _photo_file(img + rng.normal(0, 3, img.shape), rng)
 
@@ -348,11 +355,8 @@ def _underlined(digit, rng):
     gap, reach = rng.uniform(0.08, 0.25) * h, rng.uniform(0.55, 0.9) * max(w, 0.6 * h)
     cx, ly, t = x + w / 2, y + h + gap, math.tan(math.radians(rng.uniform(-3, 3)))
     width = max(1, round(rng.uniform(0.04, 0.1) * h))
-    s = 4                                                                # drawn at 4x, then averaged: anti-aliased
-    line = Image.new("L", (W * s, H * s), 0)
-    ImageDraw.Draw(line).line([((cx - reach) * s, (ly - reach * t) * s), ((cx + reach) * s, (ly + reach * t) * s)],
-                              fill=255, width=width * s)
-    _lay(img, np.asarray(line.reduce(s), np.float32) / 255, ink)
+    _lay(img, _drawn(H, W, lambda draw, s: draw.line([((cx - reach) * s, (ly - reach * t) * s),
+                                                       ((cx + reach) * s, (ly + reach * t) * s)], fill=255, width=width * s)), ink)
     _place(img, a, x, y, ink)
     return _photo_file(img + rng.normal(0, 3, img.shape), rng)
 
