@@ -361,6 +361,31 @@ def _underlined(digit, rng):
     return _photo_file(img + rng.normal(0, 3, img.shape), rng)
 
 
+def _hard_shadow(digit, rng):
+    """A photo with the hard-edged shadow of a pen, a finger or a phone across the page: a round-tipped bar 3 to
+    12% of the picture wide (blurred over 1 to 3 px) from beyond one side to near the digit, often over it."""
+    H = int(rng.integers(500, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.15, 0.35), canvas=(H, H + 1), rotate=8.0)
+    img = _paper(H, W, img[0, 0])
+    (h, w), n = a.shape, min(H, W)
+    x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
+    _place(img, a, x, y, ink)
+    width = rng.uniform(0.03, 0.12) * n
+    tx, ty = x + w * rng.uniform(-0.3, 1.3), y + h * rng.uniform(-0.3, 1.3)      # the tip: near the digit or on it
+    t = rng.uniform(0, 2 * math.pi)
+    sx, sy = tx + 2 * max(H, W) * math.cos(t), ty + 2 * max(H, W) * math.sin(t)  # from far beyond a side
+
+    def paint(draw, s):
+        draw.line([(sx * s, sy * s), (tx * s, ty * s)], fill=255, width=round(width * s))
+        r = width / 2
+        draw.ellipse([(tx - r) * s, (ty - r) * s, (tx + r) * s, (ty + r) * s], fill=255)
+    cover = np.asarray(Image.fromarray(np.rint(_drawn(H, W, paint) * 255).astype(np.uint8))
+                       .filter(ImageFilter.GaussianBlur(rng.uniform(1, 3))), np.float32) / 255
+    img *= (1 - rng.uniform(0.3, 0.55) * cover)[..., None]
+    light = _light(H, W, rng, rng.uniform(0.1, 0.4), ["gradient", "spot"][int(rng.integers(2))])
+    return _photo_finish(img, rng, light)
+
+
 def phone_photo_1mp(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     "A phone-photo-like JPEG of about one megapixel (1152x864, either way up): the speed benchmark's input."
     return _phone_photo(np.asarray(digit, np.uint8), rng, (1152, 864) if rng.random() < 0.5 else (864, 1152))
@@ -469,9 +494,11 @@ _CONDITIONS = {
     "canvas": _canvas, "transparent_png": _transparent_png, "exif_jpeg": _exif_jpeg, "off_white": _off_white,
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
     "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
-    "underlined": _underlined,
+    "underlined": _underlined, "hard_shadow": _hard_shadow,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
+# read only in part (about 80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink
+PARTLY_READ: tuple[str, ...] = ("hard_shadow",)
 
 
 def realistic(digit: np.ndarray, condition: str, rng: np.random.Generator) -> bytes:

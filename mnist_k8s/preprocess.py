@@ -281,6 +281,33 @@ def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> boo
         v = np.sort(grid, axis=None); return int(v[len(v) * 49 // 50]) - int(v[len(v) // 50]) if len(v) >= 4 else 0
     return paper.sum() >= 4 and _EVEN * max(bg, 32) < spread(under_dark[paper]) <= spread(under_bright)
 
+# %% ../nbs/06_preprocess.ipynb #aa92451f
+_STRONG = 0.6   # the strokes: pixels with at least this fraction of the contrast of the strongest 0.1%
+
+def _stroke_width(mask: np.ndarray) -> float:
+    "Mean stroke width of the shapes in boolean `mask`: 2 x area / boundary pixels (>= 2)."
+    area = np.count_nonzero(mask)
+    inner = np.count_nonzero(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return 2 * area / max(area - inner, 1)
+
+def _against_paper(a: np.ndarray, k: int, bg: int) -> np.ndarray:
+    "Each pixel's contrast with the paper around it (a k x k closing), relative to that paper, at the border's level `bg`."
+    paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
+    d = (paper[::4, ::4] - a[::4, ::4]).ravel()
+    paper -= np.partition(d, len(d) // 2)[len(d) // 2]   # the closing sits on the noise's peaks: their median
+    s = paper - a; s *= bg / np.maximum(paper, 8)
+    return s
+
+def _shaded_ink(a: np.ndarray, bg: int) -> np.ndarray:
+    "Contrast of unevenly lit `a`, reduced to about `_SMALL` px, with its paper: over a fifth of it, then just wider than its strokes."
+    if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
+    k = max(3, (max(a.shape) // 5) | 1)
+    s = _against_paper(a, k, bg)
+    levels = np.clip(s + 0.5, 0, 255).astype(np.uint8)
+    if (top := _quantile(np.bincount(levels.ravel(), minlength=256), 0.999)) <= 0: return s   # the strongest 0.1%
+    narrow = max(3, int(1.5 * _stroke_width(levels >= _STRONG * top) + 2) | 1)
+    return _against_paper(a, narrow, bg) if narrow < k else s
+
 # %% ../nbs/06_preprocess.ipynb #6a08af77
 _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
 
@@ -303,12 +330,7 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
         x = np.maximum((bg - _LEVELS) if dark else (_LEVELS - bg), 0)
         hx = np.bincount(x, weights=h, minlength=256)
     else:                                                # contrast with the paper around each pixel
-        if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
-        k = max(3, (max(a.shape) // 5) | 1)
-        paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
-        d = (paper[::4, ::4] - a[::4, ::4]).ravel()
-        paper -= np.partition(d, len(d) // 2)[len(d) // 2]   # the closing sits on the noise's peaks: their median
-        s = paper - a; s *= bg / np.maximum(paper, 8)
+        s = _shaded_ink(a, bg)
         hx = _histogram(np.clip(s + 0.5, 0, 255).astype(np.uint8))
     ink = hx[band + 1:]
     if ink.sum() < max(1.0, _MIN_INK * hx.sum()): return None
@@ -497,12 +519,6 @@ def _resample(img: Image.Image, bbox: tuple[int, int, int, int], s: float) -> np
 # %% ../nbs/06_preprocess.ipynb #0a1a502c
 _FINE = 4   # measure and thicken thin strokes at 4x the output resolution
 _MIN_WIDTH, _TARGET_WIDTH = 1.0, 2.75  # stroke widths in output pixels: thicken below the first, to the second
-
-def _stroke_width(mask: np.ndarray) -> float:
-    "Mean stroke width of the shapes in boolean `mask`: 2 x area / boundary pixels (>= 2)."
-    area = np.count_nonzero(mask)
-    inner = np.count_nonzero(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
-    return 2 * area / max(area - inner, 1)
 
 def _grow_rows(mask: np.ndarray, r: int) -> np.ndarray:
     "Set every pixel within `r` rows of a set pixel (a running sum: the cost does not depend on `r`)."
