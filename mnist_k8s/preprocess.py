@@ -453,7 +453,7 @@ def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, len(uniq) - 1
 
 # %% ../nbs/06_preprocess.ipynb #3404e38e
-_EDGE = 0.3    # a mark along this fraction of the image's sides, in all, may have come in from outside the page
+_EDGE = 0.15   # a mark along this fraction of the image's sides, in all, may have come in from outside the page
 
 def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     "The first and last (row, column) of component `c` in the labelled `grid`."
