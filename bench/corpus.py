@@ -9,7 +9,7 @@ crop margin, digit size and position, rotation, noise, JPEG quality, ...):
     data = corpus.realistic(digit, "ruled_paper", np.random.default_rng(0))   # bytes of a PNG or JPEG
     for condition, label, data in corpus.uploads(digits, labels, per_condition=100, seed=0): ...
 
-`CONDITIONS` lists them. The label of the upload is the label of the digit: no condition changes which digit
+`CONDITIONS` lists them; `PARTLY_READ` names those that mnist-k8s reads only in part. The label of the upload is the label of the digit: no condition changes which digit
 it shows (tight crops cut at most a few percent of the digit's size off its edges).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["CONDITIONS", "PHONE_DIGIT", "realistic", "uploads", "mnist", "shape", "phone_photo_1mp"]
+__all__ = ["CONDITIONS", "PARTLY_READ", "PHONE_DIGIT", "realistic", "uploads", "mnist", "shape", "phone_photo_1mp"]
 
 # ------------------------------------------------------------------ the digit's shape at any size
 
@@ -497,7 +497,7 @@ _CONDITIONS = {
     "underlined": _underlined, "hard_shadow": _hard_shadow,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
-# read only in part (about 80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink
+# read only in part (70-80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink
 PARTLY_READ: tuple[str, ...] = ("hard_shadow",)
 
 
