@@ -9,8 +9,9 @@ crop margin, digit size and position, rotation, noise, JPEG quality, ...):
     data = corpus.realistic(digit, "ruled_paper", np.random.default_rng(0))   # bytes of a PNG or JPEG
     for condition, label, data in corpus.uploads(digits, labels, per_condition=100, seed=0): ...
 
-`CONDITIONS` lists them; `PARTLY_READ` names those that mnist-k8s reads only in part. The label of the upload is the label of the digit: no condition changes which digit
-it shows (tight crops cut at most a few percent of the digit's size off its edges).
+`CONDITIONS` lists them; `PARTLY_READ` names those that mnist-k8s reads only in part. The label of the upload
+is the label of the digit: no condition changes which digit it shows (tight crops cut at most a few percent of
+the digit's size off its edges).
 """
 from __future__ import annotations
 

@@ -290,6 +290,12 @@ def _stroke_width(mask: np.ndarray) -> float:
     inner = np.count_nonzero(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
     return 2 * area / max(area - inner, 1)
 
+def _histogram(a: np.ndarray) -> np.ndarray:
+    "Counts of each level 0..255 in `a` (uint8); of its 2x2 block means above 64K pixels."
+    if a.size <= 1 << 14: return np.bincount(a.ravel(), minlength=256).astype(np.float64)   # small: numpy is quicker
+    img = Image.fromarray(a)
+    return np.array((img.reduce(2) if a.size > 1 << 16 else img).histogram(), np.float64)
+
 def _against_paper(a: np.ndarray, k: int, bg: int) -> np.ndarray:
     "Each pixel's contrast with the paper around it (a k x k closing), relative to that paper, at the border's level `bg`."
     paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
@@ -304,18 +310,12 @@ def _shaded_ink(a: np.ndarray, bg: int) -> np.ndarray:
     k = max(3, (max(a.shape) // 5) | 1)
     s = _against_paper(a, k, bg)
     levels = np.clip(s + 0.5, 0, 255).astype(np.uint8)
-    if (top := _quantile(np.bincount(levels.ravel(), minlength=256), 0.999)) <= 0: return s   # the strongest 0.1%
+    if (top := _quantile(_histogram(levels), 0.999)) <= 0: return s   # the strongest 0.1%
     narrow = max(3, int(1.5 * _stroke_width(levels >= _STRONG * top) + 2) | 1)
     return _against_paper(a, narrow, bg) if narrow < k else s
 
 # %% ../nbs/06_preprocess.ipynb #6a08af77
 _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
-
-def _histogram(a: np.ndarray) -> np.ndarray:
-    "Counts of each level 0..255 in `a` (uint8); of its 2x2 block means above 64K pixels."
-    if a.size <= 1 << 14: return np.bincount(a.ravel(), minlength=256).astype(np.float64)   # small: numpy is quicker
-    img = Image.fromarray(a)
-    return np.array((img.reduce(2) if a.size > 1 << 16 else img).histogram(), np.float64)
 
 def _ink_map(a: np.ndarray) -> np.ndarray | None:
     "Ink strength (uint8: background 0, ink 255) of grey image `a`, or None if blank (may be half `a`'s size)."
