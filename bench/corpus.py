@@ -198,7 +198,8 @@ def _thick_marker(digit, rng):
     return _photo_file(img, rng)
 
 
-def _ruling(img, rng, grid: bool):
+def _ruling(img, rng, grid: bool, faint: bool = False):
+    "Ruled (or squared) lines on `img`, in place; `faint`: between a quarter and four fifths as dark as usual."
     h, w = img.shape[:2]
     colour = [(rng.uniform(90, 160), rng.uniform(130, 190), rng.uniform(200, 240)),   # blue
               (v := rng.uniform(110, 190), v, v),                                      # grey
@@ -212,6 +213,7 @@ def _ruling(img, rng, grid: bool):
         cover = np.maximum(cover, _lines(w, h, spacing, thick, -tilt, rng.uniform(0, spacing)).T)
     elif rng.random() < 0.4:   # a margin line
         cover = np.maximum(cover, _lines(w, h, w * 2, thick * 1.3, -tilt, rng.uniform(0.05, 0.2) * w).T)
+    if faint: cover *= rng.uniform(0.25, 0.8)
     _lay(img, cover, colour)
 
 
@@ -453,17 +455,34 @@ def _skeleton(a: np.ndarray) -> np.ndarray:
         if not changed: return m[1:-1, 1:-1].astype(np.float32)
 
 
+def _thin_pen(digit: np.ndarray, size: tuple[int, int], k: float, rng: np.random.Generator) -> np.ndarray:
+    "The coverage of `digit`'s centre lines drawn by a thin pen (`k`: its width in pixels of a 160 px skeleton), (h, w) `size`."
+    smooth = Image.fromarray(np.rint(shape(digit, 160, rng, 0.3) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
+    sk = _grow(_skeleton(np.asarray(smooth, np.float32) / 255), int(k > 2.5))
+    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((size[1], size[0]), Image.BILINEAR)
+    return np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)
+
+
 def _thin_strokes(digit, rng):
     "A thin pen on a big image: strokes 1/200 .. 1/40 of the digit's height, hairlines at 28x28."
     H = int(rng.integers(400, 1400))
     img, a, x, y, ink = _on_paper(digit, rng, canvas=(H, H + 1), rotate=0)
     k = rng.uniform(1, 4)                     # pen width, in pixels of a 160 px skeleton
-    smooth = Image.fromarray(np.rint(shape(digit, 160, rng, 0.3) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
-    sk = _grow(_skeleton(np.asarray(smooth, np.float32) / 255), int(k > 2.5))
-    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((a.shape[1], a.shape[0]), Image.BILINEAR)
-    a = np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)   # in the digit's place on the page
-    _place(img, a, x, y, ink)
+    _place(img, _thin_pen(digit, a.shape, k, rng), x, y, ink)   # in the digit's place on the page
     return _photo_file(img, rng, (75, 95))
+
+
+def _grid_photo(digit, rng):
+    """A phone photo of squared or ruled paper, the digit written small (1/10 to 1/4 of the picture's height) with
+    a ballpoint (strokes 1 or 3 px wide) or a broader pen, the lines faint to clear: uneven light, noise, JPEG."""
+    H = int(rng.integers(600, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.1, 0.25), canvas=(H, H + 1), weight=(-0.4, 0.2), rotate=6.0)
+    if rng.random() < 0.5: a = _grow(_skeleton(a), int(rng.integers(0, 2)))   # the centre lines, grown by 0 or 1 px
+    img = _paper(H, W, img[0, 0])
+    _ruling(img, rng, grid=bool(rng.random() < 0.6), faint=True)
+    _place(img, a, int(rng.integers(0, W - a.shape[1])), int(rng.integers(0, H - a.shape[0])), ink)
+    light = _light(H, W, rng, rng.uniform(0.1, 0.4), ["gradient", "edge", "spot"][int(rng.integers(3))])
+    return _photo_finish(img, rng, light, noise=(2, 6), blur=(0.3, 1.0), quality=(50, 92))
 
 
 def _dilated_strokes(digit, rng):
@@ -495,7 +514,7 @@ _CONDITIONS = {
     "canvas": _canvas, "transparent_png": _transparent_png, "exif_jpeg": _exif_jpeg, "off_white": _off_white,
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
     "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
-    "underlined": _underlined, "hard_shadow": _hard_shadow,
+    "underlined": _underlined, "hard_shadow": _hard_shadow, "grid_photo": _grid_photo,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 # read only in part (70-80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink

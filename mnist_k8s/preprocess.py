@@ -258,7 +258,7 @@ def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] |
 # %% ../nbs/06_preprocess.ipynb #c178f591
 _EVEN = 0.12   # a background varying less than this fraction of the paper level is evenly lit
 _PAPER = 96    # a border at least this bright is paper (dark ink), whatever a shadow does to the histogram
-_SMALL = 96    # unevenly lit photos are analysed at about this size (integer reductions, not below it)
+_SMALL = 128   # unevenly lit photos are analysed at about this size (integer reductions, not below it)
 
 _BLACK = 32    # border levels below this are black (a dark page or a screen), not shadow
 
@@ -558,7 +558,7 @@ def _digit(ink: Image.Image, inks: np.ndarray, bbox: tuple[int, int, int, int]) 
     s = _BOX / max(bbox[2] - bbox[0], bbox[3] - bbox[1])
     # any stroke is >= 1 working px, so >= s output px: only measure when s is small
     if s >= _MIN_WIDTH or _width(ink, inks, bbox, s) >= _MIN_WIDTH: return _resample(ink, bbox, s)
-    return _thicken(ink, bbox, s)
+    return _thicken(Image.fromarray(inks * _dilate(inks >= _HALF, 1)), bbox, s)   # only the strokes' own ink
 
 # %% ../nbs/06_preprocess.ipynb #bd19dab6
 def _place(digit: np.ndarray) -> np.ndarray:
@@ -637,7 +637,9 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     y0, y1, x0, x1 = ys.min() * g, (ys.max() + 1) * g, xs.min() * g, (xs.max() + 1) * g
     keep = np.repeat(np.repeat(sel[ys.min():ys.max() + 1, xs.min():xs.max() + 1], g, axis=0), g, axis=1)
     crop = inks[y0:y1, x0:x1] * keep[:min(y1, inks.shape[0]) - y0, :min(x1, inks.shape[1]) - x0]
-    if lines is not None: crop *= _dilate(mask[y0:y1, x0:x1], 1) & ~lines[y0:y1, x0:x1]   # and their faint fringes
+    near = _dilate(mask[y0:y1, x0:x1], 1)               # the strokes and their anti-aliased edges
+    if lines is not None: crop *= near & ~lines[y0:y1, x0:x1]   # and not the lines' faint fringes
+    else: crop *= near | (crop >= _INKED)               # and not the paper's faint texture
     if (bbox := _ink_bbox(crop)) is None: return None
     l, t, r, b = bbox
     if _hugs(crop[t:b, l:r] >= _INKED) and (inner := _enclosed(crop >= _INKED)) is not None:

@@ -41,7 +41,7 @@ def test_corpus_files_are_what_they_say(uploads):
         img = Image.open(io.BytesIO(data))
         kinds.setdefault(c, set()).add((img.format, img.mode))
         if c == "exif_jpeg": assert img.getexif().get(0x0112) in (3, 6, 8)
-        if c == "phone_photo": assert max(img.size) >= 600 and img.format == "JPEG"
+        if c in ("phone_photo", "grid_photo"): assert max(img.size) >= 600 and img.format == "JPEG"
         if c == "transparent_png": assert img.mode == "RGBA" and np.asarray(img)[..., 3].min() == 0
     assert kinds["canvas"] == {("PNG", "RGBA")} and kinds["transparent_png"] == {("PNG", "RGBA")}
     assert {f for f, _ in kinds["ruled_paper"]} <= {"PNG", "JPEG"}
