@@ -453,8 +453,6 @@ def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, len(uniq) - 1
 
 # %% ../nbs/06_preprocess.ipynb #3404e38e
-_EDGE = 0.15   # a mark along this fraction of the image's sides, in all, may have come in from outside the page
-
 def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     "The first and last (row, column) of component `c` in the labelled `grid`."
     yy, xx = np.nonzero(grid == c)
@@ -462,10 +460,9 @@ def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _from_edges(grid: np.ndarray, n: int) -> np.ndarray:
     "For labels 0..n of `grid`: whether the component came in from the image's sides (the table beside the page, its edge, a shadow)."
-    h, w = grid.shape
     cells = np.array([np.bincount(s, minlength=n + 1) for s in (grid[0], grid[-1], grid[:, 0], grid[:, -1])])
     out = np.zeros(n + 1, bool)   # cells: how many cells of each side each component lies on
-    for c in np.flatnonzero((cells[:, 1:] / np.array([[w], [w], [h], [h]])).sum(0) >= _EDGE) + 1:
+    for c in np.flatnonzero(cells[:, 1:].any(0)) + 1:               # those touching a side
         lo, hi = _box(grid, c)
         rows, cols = hi - lo + 1
         out[c] = (cells[:, c] >= (rows, rows, cols, cols)).any()   # along a side further than it reaches in from it
