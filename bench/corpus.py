@@ -455,20 +455,16 @@ def _skeleton(a: np.ndarray) -> np.ndarray:
         if not changed: return m[1:-1, 1:-1].astype(np.float32)
 
 
-def _thin_pen(digit: np.ndarray, size: tuple[int, int], k: float, rng: np.random.Generator) -> np.ndarray:
-    "The coverage of `digit`'s centre lines drawn by a thin pen (`k`: its width in pixels of a 160 px skeleton), (h, w) `size`."
-    smooth = Image.fromarray(np.rint(shape(digit, 160, rng, 0.3) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
-    sk = _grow(_skeleton(np.asarray(smooth, np.float32) / 255), int(k > 2.5))
-    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((size[1], size[0]), Image.BILINEAR)
-    return np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)
-
-
 def _thin_strokes(digit, rng):
     "A thin pen on a big image: strokes 1/200 .. 1/40 of the digit's height, hairlines at 28x28."
     H = int(rng.integers(400, 1400))
     img, a, x, y, ink = _on_paper(digit, rng, canvas=(H, H + 1), rotate=0)
     k = rng.uniform(1, 4)                     # pen width, in pixels of a 160 px skeleton
-    _place(img, _thin_pen(digit, a.shape, k, rng), x, y, ink)   # in the digit's place on the page
+    smooth = Image.fromarray(np.rint(shape(digit, 160, rng, 0.3) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
+    sk = _grow(_skeleton(np.asarray(smooth, np.float32) / 255), int(k > 2.5))
+    big = Image.fromarray(np.rint(sk * 255).astype(np.uint8)).resize((a.shape[1], a.shape[0]), Image.BILINEAR)
+    a = np.clip((np.asarray(big, np.float32) / 255 - 0.25) * 2, 0, 1)   # in the digit's place on the page
+    _place(img, a, x, y, ink)
     return _photo_file(img, rng, (75, 95))
 
 
