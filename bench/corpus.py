@@ -284,6 +284,15 @@ def _photo_finish(img, rng, light=None, vignette=(0.05, 0.25), noise=(1, 5), blu
     return _encode(out.filter(ImageFilter.GaussianBlur(rng.uniform(*blur))), "JPEG", quality=int(rng.integers(*quality)))
 
 
+def _table(H: int, W: int, rng: np.random.Generator) -> np.ndarray:
+    "A table's top (float RGB, H x W): dark or mid grey, wood or plain, with stripes along its boards."
+    tone = rng.uniform(25, 140)
+    hue = np.array((1.0, 0.72, 0.45) if rng.random() < 0.5 else (1.0, 1.0, 1.0), np.float32)   # wood or plain
+    yy = np.mgrid[0:H, 0:W][0].astype(np.float32)
+    grain = 1 + 0.12 * np.sin(yy / H * rng.uniform(20, 80) + rng.normal(0, 0.5, (H, W)))   # stripes along the boards
+    return (tone * grain)[..., None] * hue
+
+
 def _page_on_table(digit, rng):
     "A photo of a page on a table: the table (dark or mid grey, wood or plain) along one or two sides, beyond the page's slanted edge."
     H = int(rng.integers(500, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
@@ -301,10 +310,7 @@ def _page_on_table(digit, rng):
         if not table[max(0, y - m):y + a.shape[0] + m, max(0, x - m):x + a.shape[1] + m].any(): break
     else: table[:] = False
     _place(img, a, x, y, ink)
-    tone = rng.uniform(25, 140)
-    hue = np.array((1.0, 0.72, 0.45) if rng.random() < 0.5 else (1.0, 1.0, 1.0), np.float32)   # wood or plain
-    grain = 1 + 0.12 * np.sin(along[0] * rng.uniform(20, 80) + rng.normal(0, 0.5, (H, W)))   # stripes along the boards
-    img[table] = (tone * grain[table])[:, None] * hue
+    img[table] = _table(H, W, rng)[table]
     return _photo_finish(img, rng)
 
 
@@ -481,6 +487,33 @@ def _grid_photo(digit, rng):
     return _photo_finish(img, rng, light, noise=(2, 6), blur=(0.3, 1.0), quality=(50, 92))
 
 
+def _sticky_note(digit, rng):
+    """A phone photo of a sticky note or an index card on a darker table (wood or plain): the note inside the
+    picture, tilted by up to 20 degrees, a third to two thirds of its shorter side; the digit written across it."""
+    H = int(rng.integers(500, 1000)); W = int(H * rng.choice([4 / 3, 3 / 4, 1.0]))
+    side = int(min(H, W) * rng.uniform(0.35, 0.65))
+    h, w = side, int(side * (1.0 if rng.random() < 0.6 else rng.uniform(1.3, 1.6)))   # a square note or a card
+    if W < H: h, w = w, h                                                              # a card along the picture
+    t = rng.uniform(-20, 20); c, s = math.cos(math.radians(t)), abs(math.sin(math.radians(t)))
+    k = min(1.0, 0.92 * W / (w * c + h * s), 0.92 * H / (w * s + h * c))              # tilted, it fits inside
+    h, w = int(h * k), int(w * k)
+    colour = [(250, 235, 110), (250, 190, 205), (195, 240, 170), (190, 220, 250), (245, 243, 235)][int(rng.integers(5))]
+    _, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.45, 0.75), canvas=(min(h, w), min(h, w) + 1), paper=colour)
+    note = _paper(h, w, colour)
+    m = min(h, w) // 10                                                                # written clear of its edges
+    _place(note, a, int(rng.integers(m, max(m + 1, w - a.shape[1] - m))), int(rng.integers(m, max(m + 1, h - a.shape[0] - m))), ink)
+    rgb = Image.fromarray(np.clip(np.rint(note), 0, 255).astype(np.uint8)).rotate(t, Image.BILINEAR, expand=True)
+    cover = np.asarray(Image.new("L", (w, h), 255).rotate(t, Image.BILINEAR, expand=True), np.float32) / 255
+    img = _table(H, W, rng)
+    g = min(H, W) // 30                                                                # the table shows all round
+    x, y = int(rng.integers(g, W - cover.shape[1] - g + 1)), int(rng.integers(g, H - cover.shape[0] - g + 1))
+    c = cover[..., None]
+    img[y:y + c.shape[0], x:x + c.shape[1]] *= 1 - c
+    img[y:y + c.shape[0], x:x + c.shape[1]] += c * np.asarray(rgb, np.float32)
+    light = _light(H, W, rng, rng.uniform(0.05, 0.3), ["gradient", "spot"][int(rng.integers(2))])
+    return _photo_finish(img, rng, light, noise=(2, 6), blur=(0.3, 1.2), quality=(50, 92))
+
+
 def _dilated_strokes(digit, rng):
     "Bold strokes (a marker, or a drawing dilated): the stroke about 1/5 to 1/4 of the digit's height."
     img, a, x, y, ink = _on_paper(digit, rng, canvas=(60, 300), weight=(0.5, 0.8))
@@ -511,6 +544,7 @@ _CONDITIONS = {
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
     "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
     "underlined": _underlined, "hard_shadow": _hard_shadow, "grid_photo": _grid_photo,
+    "sticky_note": _sticky_note,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 # read only in part (70-80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['ERROR_KINDS', 'ALLOWED_FORMATS', 'ImageError', 'open_image', 'to_mnist', 'preprocess', 'preprocess_batch']
@@ -244,6 +244,12 @@ def _filter(g: np.ndarray, k: int, op) -> np.ndarray:
         g = op(p[:n], p[k - w:k - w + n]).T                  # two overlapping ones cover k rows
     return g
 
+def _stroke_width(mask: np.ndarray) -> float:
+    "Mean stroke width of the shapes in boolean `mask`: 2 x area / boundary pixels (>= 2)."
+    area = np.count_nonzero(mask)
+    inner = np.count_nonzero(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return 2 * area / max(area - inner, 1)
+
 def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
     "Coarse grids of the background under dark ink, of each cell's brightest and darkest pixel; the cell size. None if tiny."
     g = max(1, max(a.shape) // _CELLS)
@@ -252,7 +258,8 @@ def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] |
     rows, cols = a[:h * g, :w * g].reshape(h, g, w * g), np.arange(0, w * g, g)
     hi = np.maximum.reduceat(rows.max(axis=1), cols, axis=1)   # each cell's brightest and darkest pixel
     lo = np.minimum.reduceat(rows.min(axis=1), cols, axis=1)
-    k = max(3, (max(h, w) // 3) | 1)
+    bold = lo < (3 * int(lo.min()) + int(hi.max())) // 4            # cells holding the darkest ink
+    k = max(3, (max(h, w) // 3) | 1, int(2 * _stroke_width(bold)) | 1)
     return _filter(_filter(hi, k, np.maximum), k, np.minimum), hi, lo, g
 
 # %% ../nbs/06_preprocess.ipynb #c178f591
@@ -283,12 +290,6 @@ def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> boo
 
 # %% ../nbs/06_preprocess.ipynb #aa92451f
 _STRONG = 0.6   # the strokes: pixels with at least this fraction of the contrast of the strongest 0.1%
-
-def _stroke_width(mask: np.ndarray) -> float:
-    "Mean stroke width of the shapes in boolean `mask`: 2 x area / boundary pixels (>= 2)."
-    area = np.count_nonzero(mask)
-    inner = np.count_nonzero(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
-    return 2 * area / max(area - inner, 1)
 
 def _histogram(a: np.ndarray) -> np.ndarray:
     "Counts of each level 0..255 in `a` (uint8); of its 2x2 block means above 64K pixels."
@@ -648,16 +649,40 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     return crop, bbox, (x0, y0)
 
 # %% ../nbs/06_preprocess.ipynb #2d14df96
-_SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its box inked; looked into this far from its edges
+_SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its rectangle inked; looked into this far from its edges
+_STRAIGHT, _BIG_DIGIT = 0.9, 0.6   # ... or this much within its outline, and this much inked (a big digit on it)
+_TILTS = np.radians(np.arange(-20, 20.1, 2.5))[:, None]   # a sheet's tilts tried, every 2.5 degrees
 
-def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
-    "Whether the `ink` found in `box` of a working image of `shape` is a sheet on a darker table (see above)."
-    if max(shape) <= _CELLS: return False   # a thumbnail: the digit itself
-    x0, y0, x1, y1 = box
+def _rectangle(mask: np.ndarray) -> tuple[float, float, np.ndarray]:
+    "The smallest rectangle tilted by up to 20 degrees around `mask`: the fractions inked and within the outline, its aspect ratio, its corners (x, y)."
+    rows = np.flatnonzero(mask.any(1))
+    m = mask[rows]                                   # its extent is set by each row's first and last pixel
+    xs = np.concatenate([m.argmax(1), m.shape[1] - 1 - m[:, ::-1].argmax(1)]) + 0.5
+    ys = np.concatenate([rows, rows]) + 0.5          # pixel centres
+    cos, sin = np.cos(_TILTS), np.sin(_TILTS)
+    u, v = xs * cos + ys * sin, ys * cos - xs * sin  # along and across the tilted sides
+    du, dv = np.ptp(u, 1) + 1, np.ptp(v, 1) + 1
+    i = int((du * dv).argmin())
+    c, s, (u0, u1), (v0, v1) = cos[i, 0], sin[i, 0], (u[i].min() - 0.5, u[i].max() + 0.5), (v[i].min() - 0.5, v[i].max() + 0.5)
+    corners = np.array([(a * c - b * s, a * s + b * c) for a, b in ((u0, v0), (u1, v0), (u1, v1), (u0, v1))])
+    spans = float((xs[len(rows):] - xs[:len(rows)] + 1).sum())   # each row from its first to its last pixel
+    area = du[i] * dv[i]
+    return float(np.count_nonzero(mask) / area), spans / area, float(max(du[i], dv[i]) / min(du[i], dv[i])), corners
+
+def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int],
+           lighter: Callable[[], bool]) -> np.ndarray | None:
+    "The corners (x, y) of the sheet on a darker table that the `ink` found in `box` of a working image of `shape` is, or None."
+    if max(shape) <= _CELLS: return None     # a thumbnail: the digit itself
+    x0, y0, x1, y1 = map(int, box)
     w, h = x1 - x0, y1 - y0
-    inside = x0 > 0 and y0 > 0 and x1 < shape[1] and y1 < shape[0]
-    return (inside and max(w, h) < 2.5 * min(w, h) and min(w, h) >= max(shape) / 8
-            and (ink >= _HALF).mean() >= _SOLID)
+    cut = int(x0 <= 0) + int(y0 <= 0) + int(x1 >= shape[1]) + int(y1 >= shape[0])   # sides of the picture it reaches
+    if cut > 1 or max(w, h) >= 2.5 * min(w, h) or min(w, h) < max(shape) / 8: return None
+    fill, outline, aspect, corners = _rectangle(ink >= _HALF)
+    if not (fill >= _SOLID or (outline >= _STRAIGHT and fill >= _BIG_DIGIT)) or aspect >= 2.5: return None
+    if lighter(): return corners + (x0, y0)
+    if cut == 0 and (ink >= _HALF).mean() >= _SOLID:         # darker, but solid in its upright box: a dark panel
+        return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], float)   # in a light frame, as a screenshot shows
+    return None
 
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
 class _Found(NamedTuple):
@@ -681,11 +706,31 @@ def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     crop, (l, t, r, b), (x0, y0) = found
     k = img.width / inks.shape[1]
     box = (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b))
-    if inside and _sheet(crop[t:b, l:r], (x0 + l, y0 + t, x0 + r, y0 + b), inks.shape):
-        m = _INSET * min(box[2] - box[0], box[3] - box[1])   # on the sheet, clear of its edges
-        sub = (round(box[0] + m), round(box[1] + m), round(box[2] - m), round(box[3] - m))
-        if (again := _locate(img.crop(sub), inside=False)) is not None: return again.moved(*sub[:2])
+    if inside and (corners := _sheet(crop[t:b, l:r], (x0 + l, y0 + t, x0 + r, y0 + b), inks.shape,
+                                     lambda: _lighter(grey, box))) is not None:
+        if (again := _on_sheet(img, grey, k * corners)) is not None: return again
     return _Found(crop, (l, t, r, b), box)
+
+# %% ../nbs/06_preprocess.ipynb #96d0953e
+def _lighter(grey: Image.Image, box: tuple[float, float, float, float]) -> bool:
+    "Whether `box` of `grey` is lighter on average than the picture's border (analysed at the working size)."
+    a = np.asarray(_reduce(grey, _WORK)); q = a.shape[1] / grey.width
+    inner = a[int(q * box[1]):math.ceil(q * box[3]), int(q * box[0]):math.ceil(q * box[2])]
+    return inner.size > 0 and inner.mean() > np.median(np.concatenate([e.ravel() for e in _border(a)]))
+
+def _on_sheet(img: Image.Image, grey: Image.Image, corners: np.ndarray) -> _Found | None:
+    "The digit found on the sheet with `corners` (in `img`'s pixels), `_INSET` in from its edges, the table painted over."
+    sides = np.roll(corners, -1, 0) - corners                    # from each corner to the next
+    m = _INSET * np.hypot(*sides.T).min()
+    unit = sides / np.hypot(*sides.T)[:, None]
+    inner = corners + m * (unit - np.roll(unit, 1, 0))           # each corner moved m along both its sides
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in inner], fill=255, outline=255)
+    if (sub := mask.getbbox()) is None: return None
+    sheet, m = grey.crop(sub), mask.crop(sub)
+    level = int(np.median(np.asarray(sheet)[np.asarray(m) > 0]))   # the sheet's own level (the digit is a small part)
+    again = _locate(Image.composite(sheet, Image.new("L", sheet.size, level), m), inside=False)
+    return None if again is None else again.moved(*sub[:2])
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
 _SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
