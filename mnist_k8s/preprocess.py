@@ -677,6 +677,7 @@ def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, in
     w, h = x1 - x0, y1 - y0
     cut = int(x0 <= 0) + int(y0 <= 0) + int(x1 >= shape[1]) + int(y1 >= shape[0])   # sides of the picture it reaches
     if cut > 1 or max(w, h) >= 2.5 * min(w, h) or min(w, h) < max(shape) / 8: return None
+    if 2 * (ink >= _HALF).mean() < _BIG_DIGIT: return None   # a rectangle tilted as allowed fills over half its box
     fill, outline, aspect, corners = _rectangle(ink >= _HALF)
     if not (fill >= _SOLID or (outline >= _STRAIGHT and fill >= _BIG_DIGIT)) or aspect >= 2.5: return None
     if lighter(): return corners + (x0, y0)
