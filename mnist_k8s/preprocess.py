@@ -653,7 +653,7 @@ _SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its rectangle inked; looke
 _STRAIGHT, _BIG_DIGIT = 0.9, 0.6   # ... or this much within its outline, and this much inked (a big digit on it)
 _TILTS = np.radians(np.arange(-20, 20.1, 2.5))[:, None]   # a sheet's tilts tried, every 2.5 degrees
 
-def _rectangle(mask: np.ndarray) -> tuple[float, float, np.ndarray]:
+def _rectangle(mask: np.ndarray) -> tuple[float, float, float, np.ndarray]:
     "The smallest rectangle tilted by up to 20 degrees around `mask`: the fractions inked and within the outline, its aspect ratio, its corners (x, y)."
     rows = np.flatnonzero(mask.any(1))
     m = mask[rows]                                   # its extent is set by each row's first and last pixel
@@ -700,37 +700,40 @@ class _Found(NamedTuple):
 def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
     grey, alpha = _layers(img)
-    inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 255), _WORK)))
+    flat = _composite(grey, alpha, 255)
+    inks = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
     if inks is None and alpha is not None:   # light strokes on a transparent background
-        inks = _ink_map(np.asarray(_reduce(_composite(grey, alpha, 0), _WORK)))
+        flat = _composite(grey, alpha, 0)
+        inks = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
     if inks is None or (found := _find(inks)) is None: return None
     crop, (l, t, r, b), (x0, y0) = found
-    k = img.width / inks.shape[1]
-    box = (k * (x0 + l), k * (y0 + t), k * (x0 + r), k * (y0 + b))
-    if inside and (corners := _sheet(crop[t:b, l:r], (x0 + l, y0 + t, x0 + r, y0 + b), inks.shape,
-                                     lambda: _lighter(grey, box))) is not None:
-        if (again := _on_sheet(img, grey, k * corners)) is not None: return again
+    k, q = img.width / inks.shape[1], work.shape[1] / inks.shape[1]   # img's and work's px per px of inks
+    at = (x0 + l, y0 + t, x0 + r, y0 + b)                            # the digit's box in inks
+    box = (k * at[0], k * at[1], k * at[2], k * at[3])
+    lighter = functools.partial(_lighter, work, [round(q * v) for v in at])
+    if inside and (corners := _sheet(crop[t:b, l:r], at, inks.shape, lighter)) is not None:
+        if (again := _on_sheet(flat, k * corners)) is not None: return again
     return _Found(crop, (l, t, r, b), box)
 
 # %% ../nbs/06_preprocess.ipynb #96d0953e
-def _lighter(grey: Image.Image, box: tuple[float, float, float, float]) -> bool:
-    "Whether `box` of `grey` is lighter on average than the picture's border (analysed at the working size)."
-    a = np.asarray(_reduce(grey, _WORK)); q = a.shape[1] / grey.width
-    inner = a[int(q * box[1]):math.ceil(q * box[3]), int(q * box[0]):math.ceil(q * box[2])]
+def _lighter(a: np.ndarray, box: list[int]) -> bool:
+    "Whether `box` (x0, y0, x1, y1) of grey image `a` is lighter on average than `a`'s border."
+    x0, y0, x1, y1 = box
+    inner = a[y0:y1, x0:x1]
     return inner.size > 0 and inner.mean() > np.median(np.concatenate([e.ravel() for e in _border(a)]))
 
-def _on_sheet(img: Image.Image, grey: Image.Image, corners: np.ndarray) -> _Found | None:
-    "The digit found on the sheet with `corners` (in `img`'s pixels), `_INSET` in from its edges, the table painted over."
+def _on_sheet(grey: Image.Image, corners: np.ndarray) -> _Found | None:
+    "The digit found on the sheet with `corners` (in `grey`'s pixels), `_INSET` in from its edges, the table painted over."
     sides = np.roll(corners, -1, 0) - corners                    # from each corner to the next
     m = _INSET * np.hypot(*sides.T).min()
     unit = sides / np.hypot(*sides.T)[:, None]
     inner = corners + m * (unit - np.roll(unit, 1, 0))           # each corner moved m along both its sides
-    mask = Image.new("L", img.size, 0)
+    mask = Image.new("L", grey.size, 0)
     ImageDraw.Draw(mask).polygon([tuple(p) for p in inner], fill=255, outline=255)
     if (sub := mask.getbbox()) is None: return None
-    sheet, m = grey.crop(sub), mask.crop(sub)
-    level = int(np.median(np.asarray(sheet)[np.asarray(m) > 0]))   # the sheet's own level (the digit is a small part)
-    again = _locate(Image.composite(sheet, Image.new("L", sheet.size, level), m), inside=False)
+    sheet, on = grey.crop(sub), mask.crop(sub)
+    level = int(np.median(np.asarray(sheet)[np.asarray(on) > 0]))   # the sheet's own level (the digit is a small part)
+    again = _locate(Image.composite(sheet, Image.new("L", sheet.size, level), on), inside=False)
     return None if again is None else again.moved(*sub[:2])
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
