@@ -494,8 +494,8 @@ def _sticky_note(digit, rng):
     side = int(min(H, W) * rng.uniform(0.35, 0.65))
     h, w = side, int(side * (1.0 if rng.random() < 0.6 else rng.uniform(1.3, 1.6)))   # a square note or a card
     if W < H: h, w = w, h                                                              # a card along the picture
-    t = rng.uniform(-20, 20); c, s = math.cos(math.radians(t)), abs(math.sin(math.radians(t)))
-    k = min(1.0, 0.92 * W / (w * c + h * s), 0.92 * H / (w * s + h * c))              # tilted, it fits inside
+    t = rng.uniform(-20, 20); cos, sin = math.cos(math.radians(t)), abs(math.sin(math.radians(t)))
+    k = min(1.0, 0.92 * W / (w * cos + h * sin), 0.92 * H / (w * sin + h * cos))      # tilted, it fits inside
     h, w = int(h * k), int(w * k)
     colour = [(250, 235, 110), (250, 190, 205), (195, 240, 170), (190, 220, 250), (245, 243, 235)][int(rng.integers(5))]
     _, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.45, 0.75), canvas=(min(h, w), min(h, w) + 1), paper=colour)
