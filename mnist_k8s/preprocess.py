@@ -677,11 +677,12 @@ def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, in
     w, h = x1 - x0, y1 - y0
     cut = int(x0 <= 0) + int(y0 <= 0) + int(x1 >= shape[1]) + int(y1 >= shape[0])   # sides of the picture it reaches
     if cut > 1 or max(w, h) >= 2.5 * min(w, h) or min(w, h) < max(shape) / 8: return None
-    if 2 * (ink >= _HALF).mean() < _BIG_DIGIT: return None   # a rectangle tilted as allowed fills over half its box
-    fill, outline, aspect, corners = _rectangle(ink >= _HALF)
+    upright = (strokes := ink >= _HALF).mean()               # how much of its upright box is inked
+    if 2 * upright < _BIG_DIGIT: return None                 # a rectangle tilted as allowed fills over half its box
+    fill, outline, aspect, corners = _rectangle(strokes)
     if not (fill >= _SOLID or (outline >= _STRAIGHT and fill >= _BIG_DIGIT)) or aspect >= 2.5: return None
     if lighter(): return corners + (x0, y0)
-    if cut == 0 and (ink >= _HALF).mean() >= _SOLID:         # darker, but solid in its upright box: a dark panel
+    if cut == 0 and upright >= _SOLID:                       # darker, but solid in its upright box: a dark panel
         return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], float)   # in a light frame, as a screenshot shows
     return None
 
@@ -710,15 +711,15 @@ def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     k, q = img.width / inks.shape[1], work.shape[1] / inks.shape[1]   # img's and work's px per px of inks
     at = (x0 + l, y0 + t, x0 + r, y0 + b)                            # the digit's box in inks
     box = (k * at[0], k * at[1], k * at[2], k * at[3])
-    lighter = functools.partial(_lighter, work, [round(q * v) for v in at])
+    lighter = functools.partial(_lighter, work, at, q)
     if inside and (corners := _sheet(crop[t:b, l:r], at, inks.shape, lighter)) is not None:
         if (again := _on_sheet(flat, k * corners)) is not None: return again
     return _Found(crop, (l, t, r, b), box)
 
 # %% ../nbs/06_preprocess.ipynb #96d0953e
-def _lighter(a: np.ndarray, box: list[int]) -> bool:
-    "Whether `box` (x0, y0, x1, y1) of grey image `a` is lighter on average than `a`'s border."
-    x0, y0, x1, y1 = box
+def _lighter(a: np.ndarray, box: tuple[int, int, int, int], q: float = 1.0) -> bool:
+    "Whether `box` (x0, y0, x1, y1) scaled by `q` of grey image `a` is lighter on average than `a`'s border."
+    x0, y0, x1, y1 = (round(q * v) for v in box)
     inner = a[y0:y1, x0:x1]
     return inner.size > 0 and inner.mean() > np.median(np.concatenate([e.ravel() for e in _border(a)]))
 
