@@ -315,11 +315,29 @@ def _shaded_ink(a: np.ndarray, bg: int) -> np.ndarray:
     narrow = max(3, int(1.5 * _stroke_width(levels >= _STRONG * top) + 2) | 1)
     return _against_paper(a, narrow, bg) if narrow < k else s
 
+# %% ../nbs/06_preprocess.ipynb #8ef3215d
+_STEPS, _RISE, _GAP = 16, 2, 6   # a shadow's grey: of 16 steps of contrast, one with twice the median count of
+                                 # those below it, and 6 times the count of a step above it
+
+def _shadow(hx: np.ndarray, band: int, hi: int) -> int | None:
+    "Where a hard shadow's grey ends in the contrast histogram `hx` (noise band `band`, ink level `hi`); None if there is none."
+    if (step := hi // _STEPS) < 4: return None                      # no room for a level between paper and ink
+    lv = np.arange(band + 1, hi, step)                               # the steps, from the paper's noise up to the ink
+    n = int(np.searchsorted(lv, 0.8 * hi))                           # those starting well below the ink's level
+    if n < 3: return None
+    counts = np.add.reduceat(hx[:hi], lv)
+    p = 2 + int(counts[2:n].argmax())                                # the fullest, above the noise's tail
+    if counts[p] <= max(_RISE * np.median(counts[:p]), 0.1 * counts.sum()): return None   # no pile above the soft
+                                                                     # edges below it, or a small one
+    gap = np.flatnonzero(counts[p + 1:] * _GAP <= counts[p])
+    top = int(lv[p + 1 + gap[0]]) if gap.size else hi
+    return top if top <= 0.9 * hi else None                         # ink above the gap
+
 # %% ../nbs/06_preprocess.ipynb #6a08af77
 _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
 
-def _ink_map(a: np.ndarray) -> np.ndarray | None:
-    "Ink strength (uint8: background 0, ink 255) of grey image `a`, or None if blank (may be half `a`'s size)."
+def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    "Ink strength (uint8: background 0, ink 255) of grey image `a`, and the same without a hard shadow's grey (None if there is none); None if blank (may be half `a`'s size)."
     bg, mad = _paper_noise(a)
     if mad >= _NOISY:   # grainy: a 3x3 box blur divides the noise by 3 and blurs strokes by a pixel
         a = np.asarray(Image.fromarray(a).filter(ImageFilter.BoxBlur(1))); bg, mad = _paper_noise(a)
@@ -338,10 +356,11 @@ def _ink_map(a: np.ndarray) -> np.ndarray | None:
     floor = max(band + 1, _quantile(hx, 0.999) // 2)   # half the contrast of the strongest 0.1% of the pixels
     hi = floor + _quantile(hx[floor:], 0.9)   # the ink level: the 90th percentile of the candidates above it
     if hi < _MIN_CONTRAST: return None
-    lo = min(3 * mad, hi / 4)
-    if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]
-    s -= lo; s *= 255 / (hi - lo)
-    return np.clip(s + 0.5, 0, 255).astype(np.uint8)
+    def scaled(lo: float) -> np.ndarray:   # contrast lo -> 0, hi -> 255
+        if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]
+        return np.clip((s - lo) * (255 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    shade = _shadow(hx, band, hi) if dark else None
+    return scaled(min(3 * mad, hi / 4)), None if shade is None else scaled(shade)
 
 # %% ../nbs/06_preprocess.ipynb #72f916c1
 _INKED, _HALF = 51, 128  # ink strength >= 0.2: part of the digit; >= 0.5: the stroke proper (for its width)
@@ -686,6 +705,22 @@ def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, in
         return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], float)   # in a light frame, as a screenshot shows
     return None
 
+# %% ../nbs/06_preprocess.ipynb #e9197e49
+def _side(box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+    "Whether `box` (x0, y0, x1, y1) reaches a side of a picture of `shape` (h, w)."
+    return box[0] <= 0 or box[1] <= 0 or box[2] >= shape[1] or box[3] >= shape[0]
+
+def _unshaded(found: tuple, inks: np.ndarray, clear: np.ndarray) -> tuple:
+    "What `_find` found in `inks`, or what it finds in `clear` when a shadow from beyond the picture joined the digit."
+    (l, t, r, b), (x0, y0) = found[1:]
+    at = (x0 + l, y0 + t, x0 + r, y0 + b)                           # the digit's box in inks
+    gone = (inks >= _HALF) & (clear < _INKED)                       # the shadow's grey
+    if not _side(at, inks.shape) or sum(map(np.count_nonzero, _border(gone))) < 3: return found
+    if (again := _find(clear)) is None: return found
+    (l, t, r, b), (x0, y0) = again[1:]
+    inside = x0 + l >= at[0] - 2 and y0 + t >= at[1] - 2 and x0 + r <= at[2] + 2 and y0 + b <= at[3] + 2
+    return again if inside and (r - l) * (b - t) < 0.9 * (at[2] - at[0]) * (at[3] - at[1]) else found
+
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
 class _Found(NamedTuple):
     "A digit found at the working size: its ink and box there, and its box in the image's pixels."
@@ -702,11 +737,12 @@ def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
     "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
     grey, alpha = _layers(img)
     flat = _composite(grey, alpha, 255)
-    inks = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
-    if inks is None and alpha is not None:   # light strokes on a transparent background
+    maps = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
+    if maps is None and alpha is not None:   # light strokes on a transparent background
         flat = _composite(grey, alpha, 0)
-        inks = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
-    if inks is None or (found := _find(inks)) is None: return None
+        maps = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
+    if maps is None or (found := _find(inks := maps[0])) is None: return None
+    if maps[1] is not None: found = _unshaded(found, inks, maps[1])
     crop, (l, t, r, b), (x0, y0) = found
     k, q = img.width / inks.shape[1], work.shape[1] / inks.shape[1]   # img's and work's px per px of inks
     at = (x0 + l, y0 + t, x0 + r, y0 + b)                            # the digit's box in inks

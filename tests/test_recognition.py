@@ -146,6 +146,32 @@ def test_a_pen_shadow_across_the_digit_is_shade():
     assert np.median(r) > 0.85 and sum(x <= 0.6 for x in r) <= 1, np.round(r, 2)
 
 
+def _pen_to_the_digit(i: int, rng: np.random.Generator, height: int = 80) -> bytes:
+    """MNIST digit `i` on an evenly lit page, with the hard shadow of a pen held over it (8 to 24 px wide, 35-55%
+    darker) coming in from beyond the picture's side, in any direction, its tip on the digit."""
+    a = corpus.shape(DIGITS[i], height, rng, 0.0)
+    page = np.full((320, 320), 225.0)
+    page[120:120 + a.shape[0], 120:120 + a.shape[1]] -= 190 * a
+    yy, xx = np.mgrid[0:320, 0:320].astype(float)
+    t = rng.uniform(0, 2 * math.pi)
+    ty, tx = 120 + a.shape[0] * rng.uniform(0.2, 0.8), 120 + a.shape[1] * rng.uniform(0.2, 0.8)
+    along = (xx - tx) * math.cos(t) + (yy - ty) * math.sin(t)
+    across = (yy - ty) * math.cos(t) - (xx - tx) * math.sin(t)
+    pen = Image.fromarray(((abs(across) < rng.uniform(4, 12)) & (along > 0)).astype(np.uint8) * 255)
+    shade = np.asarray(pen.filter(ImageFilter.GaussianBlur(1.5)), float) / 255
+    page *= 1 - rng.uniform(0.35, 0.55) * shade
+    return encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+
+
+def test_a_pen_shadow_on_an_evenly_lit_page_is_left_out():
+    """A pen's shadow from beyond the picture's side to the digit, on an evenly lit page: the page does not
+    look unevenly lit, so the shadow is found by its contrast (`_shadow`), and the digit is read without it.
+    Before, 23 to 32 of 40 came out at 0.6 or below (four seeds); now 1 to 6."""
+    rng = np.random.default_rng(3)
+    r = [_correlation(_pen_to_the_digit(i, rng), i) for i in range(40)]
+    assert np.median(r) > 0.8 and sum(x <= 0.6 for x in r) <= 8, np.round(r, 2)
+
+
 def test_bold_ink_cut_by_the_frame_is_not_a_shadow():
     """Tight crops of bold dark ink touching the edges, covering up to 60% of the frame: the ink is not taken
     for paper under a shadow. (Beyond that, bold dark ink over most of the border looks like a light digit on a
