@@ -316,8 +316,8 @@ def _shaded_ink(a: np.ndarray, bg: int) -> np.ndarray:
     return _against_paper(a, narrow, bg) if narrow < k else s
 
 # %% ../nbs/06_preprocess.ipynb #8ef3215d
-_STEPS, _RISE, _GAP = 16, 2, 6   # a shadow's grey: of 16 steps of contrast, one with twice the median count of
-                                 # those below it, and 6 times the count of a step above it
+_STEPS, _RISE, _GAP = 16, 2, 6   # a shadow's grey: of 16 steps of contrast, one with over twice the median count
+                                 # of those below it, and at least 6 times the count of a step above it
 
 def _shadow(hx: np.ndarray, band: int, hi: int) -> int | None:
     "Where a hard shadow's grey ends in the contrast histogram `hx` (noise band `band`, ink level `hi`); None if there is none."
@@ -327,7 +327,7 @@ def _shadow(hx: np.ndarray, band: int, hi: int) -> int | None:
     if n < 3: return None
     counts = np.add.reduceat(hx[:hi], lv)
     p = 2 + int(counts[2:n].argmax())                                # the fullest, above the noise's tail
-    if counts[p] <= max(_RISE * np.median(counts[:p]), 0.1 * counts.sum()): return None   # no pile above the soft
+    if counts[p] <= max(_RISE * np.median(counts[:p]), 0.1 * counts[:n].sum()): return None   # no pile above the soft
                                                                      # edges below it, or a small one
     gap = np.flatnonzero(counts[p + 1:] * _GAP <= counts[p])
     top = int(lv[p + 1 + gap[0]]) if gap.size else hi
