@@ -547,7 +547,8 @@ _CONDITIONS = {
     "sticky_note": _sticky_note,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
-# read only in part (70-80%, see the README): a shadow as narrow as the strokes, or as dark, still reads as ink
+# read only in part (about 93%, see the README): a shadow as dark as the ink, or one whose grey varies along it
+# (light falling off across the page), can still join the digit
 PARTLY_READ: tuple[str, ...] = ("hard_shadow",)
 
 

@@ -54,8 +54,9 @@ def test_corpus_files_are_what_they_say(uploads):
 def test_each_condition_gives_the_clean_digit(uploads):
     """Model-free: the upload comes out close to the clean digit (correlation), and nothing is refused. The
     conditions read only in part (`corpus.PARTLY_READ`) are only held to not being refused: part of a shadow
-    still comes out as ink in many of them, even where the model reads the digit right. `bench/recognition.py`
-    measures them, and `test_a_pen_shadow_across_the_digit_is_shade` tests what makes them readable."""
+    still comes out as ink in some of them, even where the model reads the digit right. `bench/recognition.py`
+    measures them, and `test_a_pen_shadow_across_the_digit_is_shade` and
+    `test_a_pen_shadow_on_an_evenly_lit_page_is_left_out` test what makes them readable."""
     def turned(i, degrees):   # the clean digit, turned as the note it is written on (sticky notes: up to 20 degrees)
         return preprocess(encode(Image.fromarray(DIGITS[i]).rotate(degrees, Image.BILINEAR, expand=True)))
     r = {}
