@@ -714,9 +714,9 @@ def _unshaded(found: tuple, inks: np.ndarray, clear: np.ndarray) -> tuple:
     "What `_find` found in `inks`, or what it finds in `clear` when a shadow from beyond the picture joined the digit."
     (l, t, r, b), (x0, y0) = found[1:]
     at = (x0 + l, y0 + t, x0 + r, y0 + b)                           # the digit's box in inks
+    if not _side(at, inks.shape): return found
     gone = (inks >= _HALF) & (clear < _INKED)                       # the shadow's grey
-    if not _side(at, inks.shape) or sum(map(np.count_nonzero, _border(gone))) < 3: return found
-    if (again := _find(clear)) is None: return found
+    if sum(map(np.count_nonzero, _border(gone))) < 3 or (again := _find(clear)) is None: return found
     (l, t, r, b), (x0, y0) = again[1:]
     inside = x0 + l >= at[0] - 2 and y0 + t >= at[1] - 2 and x0 + r <= at[2] + 2 and y0 + b <= at[3] + 2
     return again if inside and (r - l) * (b - t) < 0.9 * (at[2] - at[0]) * (at[3] - at[1]) else found
