@@ -359,7 +359,7 @@ def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
     def scaled(lo: float) -> np.ndarray:   # contrast lo -> 0, hi -> 255
         if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]
         return np.clip((s - lo) * (255 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
-    shade = _shadow(hx, band, hi) if dark else None
+    shade = _shadow(hx, band, hi) if dark and max(a.shape) > _CELLS else None   # not in a thumbnail
     return scaled(min(3 * mad, hi / 4)), None if shade is None else scaled(shade)
 
 # %% ../nbs/06_preprocess.ipynb #72f916c1
