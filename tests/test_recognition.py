@@ -124,19 +124,30 @@ def test_a_shadow_over_most_of_the_border_is_not_ink(covered):
         assert _correlation(data, i) > 0.6, (covered, i)
 
 
-def _under_a_pen(i: int, rng: np.random.Generator, bar: float = 30, height: int = 80) -> bytes:
-    "MNIST digit `i` on a page lit from the right, with a pen's hard shadow `bar` px wide across it from the right."
+def _page(i: int, rng: np.random.Generator, height: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    "MNIST digit `i`, `height` px high, written at (120, 120) on a 320 px page; the page (float) and the digit's coverage."
     a = corpus.shape(DIGITS[i], height, rng, 0.0)
     page = np.full((320, 320), 225.0)
     page[120:120 + a.shape[0], 120:120 + a.shape[1]] -= 190 * a
+    return page, a
+
+
+def _photo(page: np.ndarray, pen: np.ndarray, depth: float, rng: np.random.Generator, light=1.0) -> bytes:
+    "`page` under a pen's hard shadow (where `pen` is true, its edge blurred over 1.5 px) `depth` darker, lit by `light`, noisy."
+    shade = np.asarray(Image.fromarray(pen.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(1.5)), float) / 255
+    page = page * (1 - depth * shade) * light
+    return encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+
+
+def _under_a_pen(i: int, rng: np.random.Generator, bar: float = 30, height: int = 80) -> bytes:
+    "MNIST digit `i` on a page lit from the right, with a pen's hard shadow `bar` px wide across it from the right."
+    page, a = _page(i, rng, height)
     yy, xx = np.mgrid[0:320, 0:320].astype(float)
     t = math.radians(rng.uniform(-20, 20))
     cy, cx = 120 + a.shape[0] * rng.uniform(0.3, 0.7), 120 + a.shape[1] / 2
-    across, along = (yy - cy) * math.cos(t) - (xx - cx) * math.sin(t), (xx - cx) * math.cos(t) + (yy - cy) * math.sin(t)
-    pen = Image.fromarray(((abs(across) < bar / 2) & (along > -a.shape[1])).astype(np.uint8) * 255)
-    shade = np.asarray(pen.filter(ImageFilter.GaussianBlur(1.5)), float) / 255
-    page *= (1 - 0.5 * shade) * (0.6 + 0.4 * xx / 320)
-    return encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+    across = (yy - cy) * math.cos(t) - (xx - cx) * math.sin(t)
+    along = (xx - cx) * math.cos(t) + (yy - cy) * math.sin(t)
+    return _photo(page, (abs(across) < bar / 2) & (along > -a.shape[1]), 0.5, rng, 0.6 + 0.4 * xx / 320)
 
 
 def test_a_pen_shadow_across_the_digit_is_shade():
@@ -150,18 +161,14 @@ def test_a_pen_shadow_across_the_digit_is_shade():
 def _pen_to_the_digit(i: int, rng: np.random.Generator, height: int = 80) -> bytes:
     """MNIST digit `i` on an evenly lit page, with the hard shadow of a pen held over it (8 to 24 px wide, 35-55%
     darker) coming in from beyond the picture's side, in any direction, its tip on the digit."""
-    a = corpus.shape(DIGITS[i], height, rng, 0.0)
-    page = np.full((320, 320), 225.0)
-    page[120:120 + a.shape[0], 120:120 + a.shape[1]] -= 190 * a
+    page, a = _page(i, rng, height)
     yy, xx = np.mgrid[0:320, 0:320].astype(float)
     t = rng.uniform(0, 2 * math.pi)
     ty, tx = 120 + a.shape[0] * rng.uniform(0.2, 0.8), 120 + a.shape[1] * rng.uniform(0.2, 0.8)
     along = (xx - tx) * math.cos(t) + (yy - ty) * math.sin(t)
     across = (yy - ty) * math.cos(t) - (xx - tx) * math.sin(t)
-    pen = Image.fromarray(((abs(across) < rng.uniform(4, 12)) & (along > 0)).astype(np.uint8) * 255)
-    shade = np.asarray(pen.filter(ImageFilter.GaussianBlur(1.5)), float) / 255
-    page *= 1 - rng.uniform(0.35, 0.55) * shade
-    return encode(Image.fromarray(np.clip(page + rng.normal(0, 3, page.shape), 0, 255).astype(np.uint8)))
+    pen = (abs(across) < rng.uniform(4, 12)) & (along > 0)
+    return _photo(page, pen, rng.uniform(0.35, 0.55), rng)
 
 
 def test_a_pen_shadow_on_an_evenly_lit_page_is_left_out():
