@@ -637,10 +637,13 @@ def _underlined(mask: np.ndarray) -> np.ndarray | None:
 # %% ../nbs/06_preprocess.ipynb #e479a1a6
 _WORK = 256  # analyse big images at this size (integer reductions keep the longer side >= this)
 
-def _reduce(img: Image.Image, work: int) -> Image.Image:
-    "Box-average `img` by the integer factor that keeps its longer side >= `work`."
+def _reduce(img: Image.Image, work: int, thin: bool = False) -> Image.Image:
+    "Box-average `img` by the integer factor that keeps its longer side >= `work`; `thin`: keep each block's darkest pixel (lightest on a dark picture)."
     f = max(img.size) // work
-    return img.reduce(f) if f >= 2 else img
+    if f < 2: return img
+    if not thin: return img.reduce(f)
+    a = np.asarray(img)
+    return Image.fromarray(_blocks(a, f, np.minimum if np.median(a[::4, ::4]) >= 128 else np.maximum))
 
 def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]] | None:
     "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop and the crop's (x, y) in `inks`; None if none."
@@ -733,14 +736,14 @@ class _Found(NamedTuple):
         l, t, r, b = self.box
         return self._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s))
 
-def _locate(img: Image.Image, inside: bool = True) -> _Found | None:
-    "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px; None if there is none."
+def _locate(img: Image.Image, inside: bool = True, thin: bool = False) -> _Found | None:
+    "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px (see `_reduce` for `thin`); None if there is none."
     grey, alpha = _layers(img)
     flat = _composite(grey, alpha, 255)
-    maps = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
+    maps = _ink_map(work := np.asarray(_reduce(flat, _WORK, thin)))
     if maps is None and alpha is not None:   # light strokes on a transparent background
         flat = _composite(grey, alpha, 0)
-        maps = _ink_map(work := np.asarray(_reduce(flat, _WORK)))
+        maps = _ink_map(work := np.asarray(_reduce(flat, _WORK, thin)))
     if maps is None or (found := _find(inks := maps[0])) is None: return None
     if maps[1] is not None: found = _unshaded(found, inks, maps[1])
     crop, (l, t, r, b), (x0, y0) = found
@@ -774,26 +777,35 @@ def _on_sheet(grey: Image.Image, corners: np.ndarray) -> _Found | None:
     return None if again is None else again.moved(*sub[:2])
 
 # %% ../nbs/06_preprocess.ipynb #d1d470df
-_SMALL_DIGIT, _SHARP = 32, 64   # px at the working size: a digit shorter than the first is read again at about the second
-
+_SMALL_DIGIT, _SHARP, _HAIR = 32, 64, 2.5   # px in the map it was found in: a digit shorter than the first (or, in a
+                                            # coarser map, with strokes thinner than the third) is read again at about the second
 def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found:
     "`found`, or when it is small, the digit found again in a crop of `larger(side)` around it."
-    x0, y0, x1, y1 = found.box
-    m, f = max(x1 - x0, y1 - y0), max(1, max(img.size) // _WORK)   # the digit's size in img px; img px per working px
-    if m >= _SMALL_DIGIT * f: return found
+    (x0, y0, x1, y1), (l, t, r, b) = found.box, found.bbox
+    m, n = max(x1 - x0, y1 - y0), max(r - l, b - t)   # the digit's size in img px, and in the map it was found in
+    if n >= _SMALL_DIGIT: return found
+    f = max(1, max(img.size) // _WORK)                 # img px per px of the working size
+    if m >= _SMALL_DIGIT * f and _stroke_width(found.ink >= _HALF) >= _HAIR: return found   # not small at the working size
     big = larger(math.ceil(max(img.size) * _SHARP / m))
     s = big.width / img.width                      # big's px per img px
-    if s * f < 1.5: return found                   # not half as many pixels again: nothing to gain
+    if s * m < 1.5 * n: return found               # not half as many pixels again: nothing to gain
     left, top = max(0, round((x0 - m) * s)), max(0, round((y0 - m) * s))
     region = big.crop((left, top, min(big.width, round((x1 + m) * s)), min(big.height, round((y1 + m) * s))))
     return found if (again := _locate(region)) is None else again.moved(left, top, s)   # back to img's pixels
 
+# %% ../nbs/06_preprocess.ipynb #45042e3a
+def _thin(img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found | None:
+    "The digit in `img`, found again from `larger(1024)` reduced to each block's darkest pixel; None if none."
+    big = larger(4 * _WORK)
+    if max(big.size) < 2 * _WORK: return None      # not reduced for the analysis: nothing was washed out
+    return None if (again := _locate(big, thin=True)) is None else again.moved(0, 0, big.width / img.width)
+
 # %% ../nbs/06_preprocess.ipynb #2281abf5
 def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
-    "The digit in `img` (a small one read again from `larger`, see `_sharper`) as a 28x28 MNIST digit."
+    "The digit in `img` (a small one read again from `larger`, see `_sharper`; hairlines, see `_thin`) as a 28x28 MNIST digit."
     if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
     if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
-    if (found := _locate(img)) is None:
+    if (found := _locate(img) or _thin(img, larger)) is None:
         if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
         raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
     crop, bbox = _sharper(found, img, larger)[:2]
