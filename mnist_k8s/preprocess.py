@@ -779,13 +779,15 @@ def _on_sheet(grey: Image.Image, corners: np.ndarray) -> _Found | None:
 # %% ../nbs/06_preprocess.ipynb #d1d470df
 _SMALL_DIGIT, _SHARP, _HAIR = 32, 64, 2.5   # px in the map it was found in: a digit shorter than the first (or, in a
                                             # coarser map, with strokes thinner than the third) is read again at about the second
+
 def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found:
     "`found`, or when it is small, the digit found again in a crop of `larger(side)` around it."
     (x0, y0, x1, y1), (l, t, r, b) = found.box, found.bbox
     m, n = max(x1 - x0, y1 - y0), max(r - l, b - t)   # the digit's size in img px, and in the map it was found in
     if n >= _SMALL_DIGIT: return found
     f = max(1, max(img.size) // _WORK)                 # img px per px of the working size
-    if m >= _SMALL_DIGIT * f and _stroke_width(found.ink >= _HALF) >= _HAIR: return found   # not small at the working size
+    if m >= _SMALL_DIGIT * f and _stroke_width(found.ink >= _HALF) >= _HAIR: return found   # small in a coarser map only,
+                                                                                           # and its strokes not thin
     big = larger(math.ceil(max(img.size) * _SHARP / m))
     s = big.width / img.width                      # big's px per img px
     if s * m < 1.5 * n: return found               # not half as many pixels again: nothing to gain
