@@ -198,8 +198,8 @@ def _thick_marker(digit, rng):
     return _photo_file(img, rng)
 
 
-def _ruling(img, rng, grid: bool, faint: bool = False):
-    "Ruled (or squared) lines on `img`, in place; `faint`: between a quarter and four fifths as dark as usual."
+def _ruling(img, rng, grid: bool, faint: bool = False, tilt: float | None = None):
+    "Ruled (or squared) lines on `img`, in place, `tilt` degrees off level (default: up to 2.5); `faint`: between a quarter and four fifths as dark as usual."
     h, w = img.shape[:2]
     colour = [(rng.uniform(90, 160), rng.uniform(130, 190), rng.uniform(200, 240)),   # blue
               (v := rng.uniform(110, 190), v, v),                                      # grey
@@ -207,7 +207,7 @@ def _ruling(img, rng, grid: bool, faint: bool = False):
               (rng.uniform(100, 170), rng.uniform(170, 210), rng.uniform(120, 180))][int(rng.integers(4))]  # green
     spacing = rng.uniform(0.05, 0.09 if grid else 0.2) * h
     thick = rng.uniform(0.8, 2.5) * max(1.0, h / 500)
-    tilt = rng.uniform(-2.5, 2.5)
+    if tilt is None: tilt = rng.uniform(-2.5, 2.5)
     cover = _lines(h, w, spacing, thick, tilt, rng.uniform(0, spacing))
     if grid:
         cover = np.maximum(cover, _lines(w, h, spacing, thick, -tilt, rng.uniform(0, spacing)).T)
@@ -487,6 +487,20 @@ def _grid_photo(digit, rng):
     return _photo_finish(img, rng, light, noise=(2, 6), blur=(0.3, 1.0), quality=(50, 92))
 
 
+def _tilted_page(digit, rng):
+    """A phone photo of a ruled or squared page held at an angle: its lines 3 to 12 degrees off level, the digit
+    (1/8 to 1/3 of the picture's height) turned with the page, give or take 4 degrees; lit evenly or not, noise, JPEG."""
+    tilt = float(rng.choice([-1, 1]) * rng.uniform(3, 12))
+    H = int(rng.integers(500, 1000))
+    img, a, _, _, ink = _on_paper(digit, rng, size_frac=(0.125, 0.33), canvas=(H, H + 1), weight=(-0.4, 0.3), rotate=0)
+    a = _rotate(a, -tilt + rng.uniform(-4, 4))     # PIL turns counter-clockwise; a positive tilt runs down to the right
+    W = img.shape[1]
+    _ruling(img, rng, grid=bool(rng.random() < 0.5), tilt=tilt)
+    _place(img, a, int(rng.integers(0, max(1, W - a.shape[1]))), int(rng.integers(0, max(1, H - a.shape[0]))), ink)
+    light = _light(H, W, rng, rng.uniform(0.1, 0.4), ["gradient", "edge", "spot"][int(rng.integers(3))])
+    return _photo_finish(img, rng, light if rng.random() < 0.5 else None, noise=(2, 6), blur=(0.3, 1.0), quality=(50, 92))
+
+
 def _sticky_note(digit, rng):
     """A phone photo of a sticky note or an index card on a darker table (wood or plain): the note inside the
     picture, tilted by up to 20 degrees, a third to two thirds of its shorter side; the digit written across it."""
@@ -544,7 +558,7 @@ _CONDITIONS = {
     "thin_strokes": _thin_strokes, "dilated_strokes": _dilated_strokes,
     "page_on_table": _page_on_table, "vignette": _vignette, "faint_pencil": _faint_pencil, "boxed": _boxed,
     "underlined": _underlined, "hard_shadow": _hard_shadow, "grid_photo": _grid_photo,
-    "sticky_note": _sticky_note,
+    "sticky_note": _sticky_note, "tilted_page": _tilted_page,
 }
 CONDITIONS: tuple[str, ...] = tuple(_CONDITIONS)
 # read only in part (about 93%, see the README): a shadow as dark as the ink, or one whose grey varies along it

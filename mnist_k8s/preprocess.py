@@ -416,7 +416,7 @@ _LONG = 0.5     # a line runs in from a side across at least this fraction of th
 _MIN_PAGE = 64  # px: a smaller image has no room for ruled paper (but may be a tight crop of a "1")
 
 def _hlines(mask: np.ndarray) -> np.ndarray | None:
-    "The pixels of long, thin, roughly horizontal lines in `mask`, except where a stroke crosses; None if none."
+    "The pixels of long, thin, roughly level lines in `mask`, except where a stroke crosses; None if none."
     h, w = mask.shape
     r = max(1, round(w * 0.016))                      # a line tilted by up to ~2.5 degrees is 2r + 1 rows high
     c = np.concatenate([[0], np.count_nonzero(mask, axis=1).cumsum()])
@@ -428,21 +428,53 @@ def _hlines(mask: np.ndarray) -> np.ndarray | None:
     thin = _runs(mask.T).T <= 2 + h // 100           # a stroke crossing the line is taller than the line
     return mask & long & thin
 
+# %% ../nbs/06_preprocess.ipynb #44f58dff
+_SLOPES = np.tan(np.radians(sorted(np.arange(-10, 10.5, 2.0), key=abs)))   # the tilts tried, level first
+
+def _shifts(w: int, t: np.ndarray | float) -> np.ndarray:
+    "How far to move each of `w` columns up (rows) to level lines of slope `t` (a row of shifts per slope of an array `t`)."
+    return np.rint(np.multiply.outer(t, np.arange(w) - w / 2)).astype(np.intp)
+
+def _slope(mask: np.ndarray) -> float | None:
+    "The slope (of `_SLOPES`) at which the thin ink of `mask` gathers most in a few rows; None if too little is thin."
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask & (_runs(mask.T).T <= 2 + h // 100))   # as thin across as a line (see `_hlines`)
+    if len(ys) < _LONG * w: return None
+    d = _shifts(w, _SLOPES); k = int(np.abs(d).max())
+    rows = ys - d[:, xs] + k + np.arange(len(_SLOPES))[:, None] * (h + 2 * k)   # levelled rows, one block per slope
+    c = np.bincount(rows.ravel(), minlength=len(_SLOPES) * (h + 2 * k)).reshape(len(_SLOPES), -1)
+    return float(_SLOPES[int(np.argmax(np.square(c, dtype=np.float64).sum(1)))])   # the first of the best: the least tilted
+
+# %% ../nbs/06_preprocess.ipynb #614963de
+def _lone(found: np.ndarray, mask: np.ndarray) -> bool:
+    "Whether `found` (level lines in `mask`) is one line with next to none of the rest of `mask` on one of its sides."
+    rows = np.flatnonzero(found.any(1))
+    if np.diff(rows).max(initial=0) > 2: return False                 # two lines or more
+    per_row = np.count_nonzero(mask & ~found, axis=1)
+    return min(per_row[:rows[0]].sum(), per_row[rows[-1] + 1:].sum()) < 0.05 * max(per_row.sum(), 1)
+
+def _tilted_hlines(mask: np.ndarray, slope: float | None, alone: bool = True) -> np.ndarray | None:
+    "`_hlines` of `mask` levelled for `slope` (None: there are no lines); unless `alone`, a `_lone` line is a stroke."
+    if slope is None or not (mask[:, :2].any() or mask[:, -2:].any()): return None   # a line runs in from a side
+    (h, w), d = mask.shape, _shifts(mask.shape[1], slope)
+    k, cols = int(np.abs(d).max()), np.arange(w)
+    rows = np.arange(h + 2 * k)[:, None] - k + d                      # levelled row y holds row y - k + d[x]
+    level = mask[rows.clip(0, h - 1), cols] & (rows >= 0) & (rows < h) if k else mask
+    found = _hlines(level)
+    if found is None or np.count_nonzero(found) < _LONG * w / 2 or (not alone and _lone(found, level)): return None
+    return found[np.arange(h)[:, None] + k - d, cols] if k else found   # back to the picture's rows
+
 def _lines(faint: np.ndarray) -> np.ndarray | None:
     "Ruled and grid lines among the `faint` ink, found on blocks of 2x2 pixels or more; None if there are none."
     if min(faint.shape) < _MIN_PAGE: return None
     f = max(1, max(faint.shape) // 128)
     m = _pool(faint, f)
-    h, w = m.shape
-    def most(counts, n):   # the most ink in any band of rows (or columns) high enough for a tilted line
-        return np.convolve(counts, np.ones(2 * max(1, round(n * 0.016)) + 1), "valid").max(initial=0)
-    across = (m[:, :2].any() or m[:, -2:].any()) and most(np.count_nonzero(m, axis=1), w) >= _LONG * w
-    down = (m[:2].any() or m[-2:].any()) and most(np.count_nonzero(m, axis=0), h) >= _LONG * h
-    if not (across or down): return None   # the usual case, in a few steps: no ink at a side, or no room for a line
-    lines = np.zeros_like(m)
+    if not (m[:, :2].any() or m[:, -2:].any() or m[:2].any() or m[-2:].any()): return None   # the usual case
+    lines, slopes = np.zeros_like(m), {}
     for t in (False, True, False, True):   # twice: at first a crossing hides each family from the other
-        rest = m & ~lines
-        found = _hlines(rest.T if t else rest)
+        rest = (m & ~lines).T if t else m & ~lines
+        if t not in slopes: slopes[t] = _slope(rest)
+        found = _tilted_hlines(rest, slopes[t], alone=lines.any())
         if found is not None: lines |= found.T if t else found
         elif t and not lines.any(): return None
     return np.repeat(np.repeat(lines, f, axis=0), f, axis=1)[:faint.shape[0], :faint.shape[1]]

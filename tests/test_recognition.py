@@ -42,7 +42,7 @@ def test_corpus_files_are_what_they_say(uploads):
         kinds.setdefault(c, set()).add((img.format, img.mode))
         if c == "exif_jpeg": assert img.getexif().get(0x0112) in (3, 6, 8)
         if c in ("phone_photo", "grid_photo"): assert max(img.size) >= 600 and img.format == "JPEG"
-        if c == "sticky_note": assert max(img.size) >= 500 and img.format == "JPEG"
+        if c in ("sticky_note", "tilted_page"): assert max(img.size) >= 500 and img.format == "JPEG"
         if c == "transparent_png": assert img.mode == "RGBA" and np.asarray(img)[..., 3].min() == 0
     assert kinds["canvas"] == {("PNG", "RGBA")} and kinds["transparent_png"] == {("PNG", "RGBA")}
     assert {f for f, _ in kinds["ruled_paper"]} <= {"PNG", "JPEG"}
@@ -57,13 +57,13 @@ def test_each_condition_gives_the_clean_digit(uploads):
     still comes out as ink in some of them, even where the model reads the digit right. `bench/recognition.py`
     measures them, and `test_a_pen_shadow_across_the_digit_is_shade` and
     `test_a_pen_shadow_on_an_evenly_lit_page_is_left_out` test what makes them readable."""
-    def turned(i, degrees):   # the clean digit, turned as the note it is written on (sticky notes: up to 20 degrees)
+    def turned(i, degrees):   # the clean digit, turned as the note or page it is written on (up to 20 and 16 degrees)
         return preprocess(encode(Image.fromarray(DIGITS[i]).rotate(degrees, Image.BILINEAR, expand=True)))
     r = {}
     for c, i, _, data in uploads:
         try: x = preprocess(data)
         except ImageError as e: pytest.fail(f"{c}: digit {i} refused ({e.kind}: {e.message})")
-        tilts = range(-20, 21, 4) if c == "sticky_note" else (0,)
+        tilts = range(-20, 21, 4) if c in ("sticky_note", "tilted_page") else (0,)
         r.setdefault(c, []).append(max(float(np.corrcoef(x.ravel(), turned(i, t).ravel())[0, 1]) for t in tilts))
     # thin strokes are redrawn from a skeleton, bold ones dilated: their shapes differ from the original a bit
     low = {c: min(v) for c, v in r.items()
@@ -222,6 +222,24 @@ def test_a_small_digit_in_a_photo_is_read_from_more_pixels(monkeypatch):
     rng = np.random.default_rng(4)
     r = [_correlation(corpus.realistic(DIGITS[i], "phone_photo", rng), i) for i in rng.choice(len(DIGITS), 16, replace=False)]
     assert np.median(r) > 0.88 and min(r) > 0.6, np.round(r, 2)
+
+
+def _tilted_ruling(i: int, rng: np.random.Generator) -> bytes:
+    "MNIST digit `i` written with a pen on a page ruled (odd `i`: squared), its lines 6 to 12 degrees off level: a scan."
+    img, a, x, y, ink = corpus._on_paper(DIGITS[i], rng, size_frac=(0.25, 0.45), canvas=(300, 700), weight=(-0.4, 0.2),
+                                         rotate=0)
+    corpus._ruling(img, rng, grid=bool(i % 2), tilt=float(rng.choice([-1, 1]) * rng.uniform(6, 12)))
+    corpus._place(img, a, x, y, ink)
+    return corpus._photo_file(img + rng.normal(0, 3, img.shape), rng)
+
+
+def test_lines_of_a_page_at_an_angle_are_found():
+    """Ruled and squared pages photographed or scanned at an angle: their lines are levelled before they are looked
+    for (`_slope`), so that they are found and left out (before: 2 to 7 of 16 read with a mesh or bars, over three
+    seeds; median 0.82 to 0.94)."""
+    rng = np.random.default_rng(1)
+    r = [_correlation(_tilted_ruling(i, rng), i) for i in range(16)]
+    assert np.median(r) > 0.9 and min(r) > 0.6, np.round(r, 2)
 
 
 def _ballpoint(i: int, rng: np.random.Generator) -> bytes:
