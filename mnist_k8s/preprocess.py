@@ -306,9 +306,11 @@ def _against_paper(a: np.ndarray, k: int, bg: int) -> np.ndarray:
     return s
 
 def _shaded_ink(a: np.ndarray, bg: int) -> np.ndarray:
-    "Contrast of unevenly lit `a`, reduced to about `_SMALL` px, with its paper: over a fifth of it, then just wider than its strokes."
+    "Contrast of unevenly lit `a`, reduced to about `_SMALL` px, with its paper: over a fifth of it (or twice its darkest strokes), then just wider than its strokes."
     if (f := max(a.shape) // _SMALL) >= 2: a = np.asarray(Image.fromarray(a).reduce(f))
-    k = max(3, (max(a.shape) // 5) | 1)
+    lo, hi = _quantile(_histogram(a), (0.01, 0.99))
+    bold = _stroke_width(a < (3 * lo + hi) // 4)         # the darkest ink's strokes: a marker's, cropped tightly?
+    k = max(3, (max(a.shape) // 5) | 1, int(2 * bold) | 1)
     s = _against_paper(a, k, bg)
     levels = np.clip(s + 0.5, 0, 255).astype(np.uint8)
     if (top := _quantile(_histogram(levels), 0.999)) <= 0: return s   # the strongest 0.1%
