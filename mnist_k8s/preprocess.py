@@ -301,7 +301,8 @@ def _against_paper(a: np.ndarray, k: int, bg: int) -> np.ndarray:
     "Each pixel's contrast with the paper around it (a k x k closing), relative to that paper, at the border's level `bg`."
     paper = _filter(_filter(a, k, np.maximum), k, np.minimum).astype(np.float32)   # the closing, per pixel
     d = (paper[::4, ::4] - a[::4, ::4]).ravel()
-    paper -= np.partition(d, len(d) // 2)[len(d) // 2]   # the closing sits on the noise's peaks: their median
+    paper -= np.partition(d, len(d) // 4)[len(d) // 4]   # the closing sits on the noise's peaks (a quartile: the
+                                                         # paper may be less than half a tight crop)
     s = paper - a; s *= bg / np.maximum(paper, 8)
     return s
 

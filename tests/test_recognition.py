@@ -258,16 +258,16 @@ def _cropped_marker(i: int, rng: np.random.Generator) -> bytes:
 def test_a_markers_digit_cropped_from_a_photo_keeps_its_strokes():
     """A tight crop of a photographed marker digit: its strokes are wider than a fifth of the picture, and a closing
     that narrow took their middles for paper (median 0.32 to 0.43 over three seeds, 10 to 12 of 16 lost). The window
-    now spans twice the darkest strokes. Those that still fail (4 to 6 of 16) are the boldest: the window then
-    spans most of the picture, and the narrower second one (fitted to the strongest contrast, which keeps hard
-    shadows apart) is misled by the blotchy contrast it leaves. With the light even, these read 0.76 (median):
-    strokes this bold are not MNIST's."""
+    now spans twice the darkest strokes (4 to 6 of 16 still lost), and the paper's level is corrected by the
+    lower quartile of its excess, not the median, which was the ink's contrast where the ink covers most of the
+    crop (none lost; median 0.75 to 0.77). With the light even, these read 0.76 (median): strokes this bold are
+    not MNIST's."""
     def read(data: bytes, i: int) -> float:
         try: return _correlation(data, i)
         except ImageError: return -1.0
     rng = np.random.default_rng(1)
     r = [read(_cropped_marker(i, rng), i) for i in range(16)]
-    assert np.median(r) > 0.65 and sum(x <= 0.6 for x in r) <= 7, np.round(r, 2)
+    assert np.median(r) > 0.7 and min(r) > 0.6, np.round(r, 2)
 
 
 def _ballpoint(i: int, rng: np.random.Generator) -> bytes:
