@@ -133,7 +133,7 @@ def _formats(formats: tuple[str, ...]) -> tuple[str, ...]:
     return formats
 
 def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterable[str],
-          draft: int | None = None) -> Image.Image:
+          draft: int | None = None, colour: bool = False) -> Image.Image:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected the file's bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -150,8 +150,8 @@ def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterab
     fmt = img.format
     _check_size(*img.size, max_pixels, max_aspect_ratio)
     try:
-        if draft and fmt in ("JPEG", "MPO"):  # decode at 1/2, 1/4 or 1/8 size, the longer side >= draft
-            n = max(img.size); img.draft("L", (max(1, draft * img.width // n), max(1, draft * img.height // n)))
+        if draft and fmt in ("JPEG", "MPO"):  # decode at 1/2, 1/4 or 1/8 size, the longer side >= draft, in grey
+            n = max(img.size); img.draft("RGB" if colour else "L", (max(1, draft * img.width // n), max(1, draft * img.height // n)))
         img.load()
     except Exception as e: raise _decode_error(e, fmt, data) from e
     try: ImageOps.exif_transpose(img, in_place=True)
@@ -339,8 +339,8 @@ def _shadow(hx: np.ndarray, band: int, hi: int) -> int | None:
 # %% ../nbs/06_preprocess.ipynb #6a08af77
 _NOISY = 6   # noise (MAD, grey levels) from which the image is smoothed first
 
-def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
-    "Ink strength (uint8: background 0, ink 255) of grey image `a`, and the same without a hard shadow's grey (None if there is none); None if blank (may be half `a`'s size)."
+def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    "Ink strength (uint8: background 0, ink 255) of grey image `a`, the same without a hard shadow's grey (None if there is none), and the ink level (grey levels); None if blank (maps may be half `a`'s size)."
     bg, mad = _paper_noise(a)
     if mad >= _NOISY:   # grainy: a 3x3 box blur divides the noise by 3 and blurs strokes by a pixel
         a = np.asarray(Image.fromarray(a).filter(ImageFilter.BoxBlur(1))); bg, mad = _paper_noise(a)
@@ -363,7 +363,7 @@ def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
         if not uneven: return np.rint(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)[a]
         return np.clip((s - lo) * (255 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
     shade = _shadow(hx, band, hi) if dark and max(a.shape) > _CELLS else None   # not in a thumbnail
-    return scaled(min(3 * mad, hi / 4)), None if shade is None else scaled(shade)
+    return scaled(min(3 * mad, hi / 4)), None if shade is None else scaled(shade), hi
 
 # %% ../nbs/06_preprocess.ipynb #72f916c1
 _INKED, _HALF = 51, 128  # ink strength >= 0.2: part of the digit; >= 0.5: the stroke proper (for its width)
@@ -527,6 +527,14 @@ def _from_edges(grid: np.ndarray, n: int) -> np.ndarray:
 _NEAR = 0.5  # parts reaching within this fraction of the digit's size of its box belong to it (a broken 5)
 _PART = 0.08 # ... if they hold at least this fraction of its ink (less is a speck)
 _RIVAL = 0.5 # a mark with this fraction of the digit's ink is kept wherever it is: two digits stay two
+_FLAT = 4    # a mark this many times wider than tall is a dash or a line (an underline, a field to fill in)
+
+def _extents(grid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    "Height and width, in cells, of the boxes of components 0..n of the labelled `grid` (0: the empty cells)."
+    lab, (ys, xs) = grid.ravel(), np.divmod(np.arange(grid.size), grid.shape[1])
+    lo, hi = np.full((2, n + 1), grid.size), np.full((2, n + 1), -1)
+    for k, v in enumerate((ys, xs)): np.minimum.at(lo[k], lab, v); np.maximum.at(hi[k], lab, v)
+    return np.maximum(hi - lo + 1, 0)
 
 def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     "The cells (g x g pixels each) of `mask` that hold the digit, and g; None if `mask` is empty."
@@ -543,17 +551,21 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
     score = mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
     edge = _from_edges(grid, n)
+    tall, wide = _extents(grid, n)
+    flat = wide >= _FLAT * tall
     rest = ~edge & (np.bincount(lab, minlength=n + 1) >= 2)   # marks of two cells or more, not from the sides
+    if (rest & ~flat)[1:].any(): score[flat] = -1             # dashes only if nothing else is there
     if rest[1:].any(): score[edge] = -1
     else: edge[:] = False                                      # nothing else is left: they are all there is
     best = int(score[1:].argmax()) + 1
     lo, hi = _box(grid, best)
     grow = _NEAR * (hi - lo + 1).max()
     keep = np.zeros(n + 1, bool); keep[best] = True
-    for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge):
-        if c and c != best:
+    size = (hi - lo + 1).max()
+    for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge & ~(flat & (wide > size))):   # no longer dash than
+        if c and c != best:                                                                      # the digit is big
             l, u = _box(grid, c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
-                                      or mass[c] >= _RIVAL * mass[best])              # or a second digit
+                                      or mass[c] >= _RIVAL * mass[best] and not flat[c])   # or a second digit
     return _grow(_grow(keep[grid], 1).T, 1).T, g   # and one cell around: the strokes' faint edges
 
 # %% ../nbs/06_preprocess.ipynb #21c72e66
@@ -680,10 +692,10 @@ def _reduce(img: Image.Image, work: int, thin: bool = False) -> Image.Image:
     a = np.asarray(img)
     return Image.fromarray(_blocks(a, f, np.minimum if np.median(a[::4, ::4]) >= 128 else np.maximum))
 
-def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]] | None:
-    "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop and the crop's (x, y) in `inks`; None if none."
+def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int], np.ndarray | None] | None:
+    "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop, the crop's (x, y) in `inks` and the lines found (None if none); None if no digit."
     if max(inks.shape) <= _CELLS:   # a thumbnail, such as an MNIST digit: no ruling, no room for other marks
-        return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox, (0, 0))
+        return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox, (0, 0), None)
     mask, lines = inks >= _HALF, _lines(inks >= _INKED)
     if lines is not None: mask &= ~lines
     if (picked := _pick(mask)) is None: return None
@@ -703,7 +715,7 @@ def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tupl
     if (rest := _underlined(crop >= _INKED)) is not None:
         crop = crop * _dilate(rest, 1)              # the digit without the line under it
         if (bbox := _ink_bbox(crop)) is None: return None
-    return crop, bbox, (x0, y0)
+    return crop, bbox, (x0, y0), lines
 
 # %% ../nbs/06_preprocess.ipynb #2d14df96
 _SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its rectangle inked; looked into this far from its edges
@@ -750,21 +762,24 @@ def _side(box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
 
 def _unshaded(found: tuple, inks: np.ndarray, clear: np.ndarray) -> tuple:
     "What `_find` found in `inks`, or what it finds in `clear` when a shadow from beyond the picture joined the digit."
-    (l, t, r, b), (x0, y0) = found[1:]
+    (l, t, r, b), (x0, y0) = found[1:3]
     at = (x0 + l, y0 + t, x0 + r, y0 + b)                           # the digit's box in inks
     if not _side(at, inks.shape): return found
     gone = (inks >= _HALF) & (clear < _INKED)                       # the shadow's grey
     if sum(map(np.count_nonzero, _border(gone))) < 3 or (again := _find(clear)) is None: return found
-    (l, t, r, b), (x0, y0) = again[1:]
+    (l, t, r, b), (x0, y0) = again[1:3]
     inside = x0 + l >= at[0] - 2 and y0 + t >= at[1] - 2 and x0 + r <= at[2] + 2 and y0 + b <= at[3] + 2
     return again if inside and (r - l) * (b - t) < 0.9 * (at[2] - at[0]) * (at[3] - at[1]) else found
 
 # %% ../nbs/06_preprocess.ipynb #b4d88d8f
 class _Found(NamedTuple):
-    "A digit found at the working size: its ink and box there, and its box in the image's pixels."
+    "A digit found at the working size: its ink and box there, its box in the image's pixels, and what the map it was found in shows."
     ink: np.ndarray
     bbox: tuple[int, int, int, int]
     box: tuple[float, float, float, float]
+    ruling: np.ndarray | None = None   # the ruled lines' pixels in the map of the whole picture
+    level: int = 0                     # that map's ink level (see `_ink_map`)
+    thin: bool = False                 # whether that map kept each block's darkest pixel (see `_reduce`)
 
     def moved(self, left: float, top: float, s: float = 1.0) -> _Found:
         "Found in a crop at (`left`, `top`) of a picture with `s` px per px of this one: the box in this one's pixels."
@@ -781,14 +796,15 @@ def _locate(img: Image.Image, inside: bool = True, thin: bool = False) -> _Found
         maps = _ink_map(work := np.asarray(_reduce(flat, _WORK, thin)))
     if maps is None or (found := _find(inks := maps[0])) is None: return None
     if maps[1] is not None: found = _unshaded(found, inks, maps[1])
-    crop, (l, t, r, b), (x0, y0) = found
+    crop, (l, t, r, b), (x0, y0), lines = found
     k, q = img.width / inks.shape[1], work.shape[1] / inks.shape[1]   # img's and work's px per px of inks
     at = (x0 + l, y0 + t, x0 + r, y0 + b)                            # the digit's box in inks
     box = (k * at[0], k * at[1], k * at[2], k * at[3])
     lighter = functools.partial(_lighter, work, at, q)
+    ruling = None if lines is None else lines & (inks >= _INKED)
     if inside and (corners := _sheet(crop[t:b, l:r], at, inks.shape, lighter)) is not None:
-        if (again := _on_sheet(flat, k * corners)) is not None: return again
-    return _Found(crop, (l, t, r, b), box)
+        if (again := _on_sheet(flat, k * corners)) is not None: return again._replace(ruling=ruling, level=maps[2], thin=thin)
+    return _Found(crop, (l, t, r, b), box, ruling, maps[2], thin)
 
 # %% ../nbs/06_preprocess.ipynb #96d0953e
 def _lighter(a: np.ndarray, box: tuple[int, int, int, int], q: float = 1.0) -> bool:
@@ -837,29 +853,56 @@ def _thin(img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found | No
     if max(big.size) < 2 * _WORK: return None      # not reduced for the analysis: nothing was washed out
     return None if (again := _locate(big, thin=True)) is None else again.moved(0, 0, big.width / img.width)
 
+# %% ../nbs/06_preprocess.ipynb #9b97e620
+_FAINTER, _KEPT = 0.9, 0.5   # a channel is read instead of grey when the ruling is at most this dark in it (relative
+                              # to grey), and kept when the ink found in it is at least this strong
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # Pillow's grey: ITU-R 601-2 luma
+
+def _ruling_channel(ruling: np.ndarray, rgb: Image.Image) -> int | None:
+    "The channel (0-2) of colour picture `rgb` in which the lines at `ruling` (a mask over all of it) are faintest, if they are clearly fainter there than in grey."
+    a = np.asarray(rgb.convert("RGB").resize(ruling.shape[::-1], Image.Resampling.BOX), np.float32)
+    planes = [a[..., 0], a[..., 1], a[..., 2], a @ _LUMA]
+    dark = [float(np.median((_filter(p, 5, np.maximum) - p)[ruling])) for p in planes]   # below the paper around them
+    c = int(np.argmin(dark[:3]))
+    return c if dark[3] > 2 and dark[c] <= _FAINTER * dark[3] else None
+
+def _in_channel(img: Image.Image, larger: Callable[..., Image.Image], found: _Found) -> tuple:
+    "`img`, `larger` and `found`, or the same in the channel of `img` where `found`'s ruling fades, if the ink stays strong there."
+    rgb = larger(max(img.size), colour=True)       # (a JPEG's draft may come out larger in colour)
+    bands = rgb.getbands()
+    if len(bands) < 3 or "A" in bands or "transparency" in rgb.info: return img, larger, found
+    if (c := _ruling_channel(found.ruling, rgb)) is None: return img, larger, found
+    one = rgb.convert("RGB").getchannel(c)
+    def more(side: int, colour: bool = False) -> Image.Image:   # `larger`, in that channel
+        return one if side <= max(one.size) else larger(side, colour=True).convert("RGB").getchannel(c)
+    again = _locate(one) or _thin(one, more)
+    if again is None or again.level < _KEPT * found.level and not (found.thin and not again.thin): return img, larger, found
+    return one, more, again
+
 # %% ../nbs/06_preprocess.ipynb #2281abf5
-def _mnist(img: Image.Image, blank: str, larger: Callable[[int], Image.Image]) -> np.ndarray:
-    "The digit in `img` (a small one read again from `larger`, see `_sharper`; hairlines, see `_thin`) as a 28x28 MNIST digit."
+def _mnist(img: Image.Image, blank: str, larger: Callable[..., Image.Image]) -> np.ndarray:
+    "The digit in `img` (coloured ruling, see `_in_channel`; a small digit read again from `larger`, see `_sharper`; hairlines, see `_thin`) as a 28x28 MNIST digit."
     if blank not in ("raise", "zeros"): raise ValueError(f"blank must be 'raise' or 'zeros', not {blank!r}")
     if img.width < 1 or img.height < 1: raise ImageError("too_small", f"The image has no pixels ({img.width}x{img.height}).")
     if (found := _locate(img) or _thin(img, larger)) is None:
         if blank == "zeros": return np.zeros((_FIELD, _FIELD), np.float32)
         raise ImageError("blank", "No digit found: the image is blank or has too little contrast.")
+    if found.ruling is not None: img, larger, found = _in_channel(img, larger, found)
     crop, bbox = _sharper(found, img, larger)[:2]
     return _place(_digit(Image.fromarray(crop), crop, bbox))
 
 def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
     "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
-    return _mnist(img, blank, lambda side: img)
+    return _mnist(img, blank, lambda side, colour=False: img)
 
 # %% ../nbs/06_preprocess.ipynb #932debaa
 def preprocess(data: bytes, *, max_pixels: int = 25_000_000, max_aspect_ratio: float = 25.0,
                formats: Iterable[str] = ALLOWED_FORMATS, blank: str = "raise") -> np.ndarray:
     "Uploaded bytes → float32 28x28 MNIST-style digit in [0, 1]; any bad input raises `ImageError`."
     img = _open(data, max_pixels, max_aspect_ratio, formats, draft=_WORK)
-    def larger(side: int) -> Image.Image:   # a JPEG decoded small (draft) holds more pixels; other formats do not
-        if img.format not in ("JPEG", "MPO") or side <= max(img.size): return img
-        return _open(data, max_pixels, max_aspect_ratio, formats, draft=side)
+    def larger(side: int, colour: bool = False) -> Image.Image:   # a JPEG decoded small (draft, in grey) holds more
+        if img.format not in ("JPEG", "MPO") or (side <= max(img.size) and not colour): return img   # pixels, and colour
+        return _open(data, max_pixels, max_aspect_ratio, formats, draft=side, colour=colour)
     return _mnist(img, blank, larger)
 
 def preprocess_batch(items: Iterable[bytes], **limits) -> list[np.ndarray | ImageError]:
