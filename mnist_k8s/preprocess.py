@@ -562,8 +562,8 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     grow = _NEAR * (hi - lo + 1).max()
     keep = np.zeros(n + 1, bool); keep[best] = True
     size = (hi - lo + 1).max()
-    for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge & ~(flat & (wide > size))):   # no longer dash than
-        if c and c != best:                                                                      # the digit is big
+    for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge & ~(flat & (wide > 1.5 * size))):   # no dash much
+        if c and c != best:                                                                            # longer than it
             l, u = _box(grid, c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
                                       or mass[c] >= _RIVAL * mass[best] and not flat[c])   # or a second digit
     return _grow(_grow(keep[grid], 1).T, 1).T, g   # and one cell around: the strokes' faint edges
