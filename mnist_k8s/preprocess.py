@@ -868,7 +868,8 @@ def _ruling_channel(ruling: np.ndarray, rgb: Image.Image) -> int | None:
 
 def _in_channel(img: Image.Image, larger: Callable[..., Image.Image], found: _Found) -> tuple:
     "`img`, `larger` and `found`, or the same in the channel of `img` where `found`'s ruling fades, if the ink stays strong there."
-    rgb = larger(max(img.size), colour=True)       # (a JPEG's draft may come out larger in colour)
+    rgb = larger(max(img.size), colour=True)       # (a JPEG's draft: as large as `img`, or twice as large when
+                                                   # the file's size is not a multiple of `img`'s)
     bands = rgb.getbands()
     if len(bands) < 3 or "A" in bands or "transparency" in rgb.info: return img, larger, found
     if (c := _ruling_channel(found.ruling, rgb)) is None: return img, larger, found
