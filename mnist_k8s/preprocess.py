@@ -151,6 +151,7 @@ def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterab
     _check_size(*img.size, max_pixels, max_aspect_ratio)
     try:
         if draft and fmt in ("JPEG", "MPO"):  # decode at 1/2, 1/4 or 1/8 size, the longer side >= draft, in grey
+                                              # (in colour if `colour`)
             n = max(img.size); img.draft("RGB" if colour else "L", (max(1, draft * img.width // n), max(1, draft * img.height // n)))
         img.load()
     except Exception as e: raise _decode_error(e, fmt, data) from e
@@ -529,8 +530,8 @@ _PART = 0.08 # ... if they hold at least this fraction of its ink (less is a spe
 _RIVAL = 0.5 # a mark with this fraction of the digit's ink is kept wherever it is: two digits stay two
 _FLAT = 4    # a mark this many times wider than tall is a dash or a line (an underline, a field to fill in)
 
-def _extents(grid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    "Height and width, in cells, of the boxes of components 0..n of the labelled `grid` (0: the empty cells)."
+def _extents(grid: np.ndarray, n: int) -> np.ndarray:
+    "Heights (first row) and widths (second), in cells, of the boxes of components 0..n of the labelled `grid` (0: the empty cells)."
     lab, (ys, xs) = grid.ravel(), np.divmod(np.arange(grid.size), grid.shape[1])
     lo, hi = np.full((2, n + 1), grid.size), np.full((2, n + 1), -1)
     for k, v in enumerate((ys, xs)): np.minimum.at(lo[k], lab, v); np.maximum.at(hi[k], lab, v)
@@ -559,9 +560,9 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     else: edge[:] = False                                      # nothing else is left: they are all there is
     best = int(score[1:].argmax()) + 1
     lo, hi = _box(grid, best)
-    grow = _NEAR * (hi - lo + 1).max()
-    keep = np.zeros(n + 1, bool); keep[best] = True
     size = (hi - lo + 1).max()
+    grow = _NEAR * size
+    keep = np.zeros(n + 1, bool); keep[best] = True
     for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge & ~(flat & (wide > 1.5 * size))):   # no dash much
         if c and c != best:                                                                            # longer than it
             l, u = _box(grid, c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
