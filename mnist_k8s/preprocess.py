@@ -509,18 +509,20 @@ def _components(grid: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, len(uniq) - 1
 
 # %% ../nbs/06_preprocess.ipynb #3404e38e
-def _box(grid: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-    "The first and last (row, column) of component `c` in the labelled `grid`."
-    yy, xx = np.nonzero(grid == c)
-    return np.array([yy.min(), xx.min()]), np.array([yy.max(), xx.max()])
+def _boxes(grid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    "The first and the last (row, column) of each of the components 0..n of the labelled `grid` (0: the empty cells)."
+    lab, (ys, xs) = grid.ravel(), np.divmod(np.arange(grid.size), grid.shape[1])
+    lo, hi = np.full((n + 1, 2), grid.size), np.full((n + 1, 2), -1)
+    for k, v in enumerate((ys, xs)): np.minimum.at(lo[:, k], lab, v); np.maximum.at(hi[:, k], lab, v)
+    return lo, hi
 
-def _from_edges(grid: np.ndarray, n: int) -> np.ndarray:
-    "For labels 0..n of `grid`: whether the component came in from the image's sides (the table beside the page, its edge, a shadow)."
+def _from_edges(grid: np.ndarray, boxes: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    "For the components of `grid` with `boxes` (see `_boxes`): whether each came in from the image's sides (the table beside the page, its edge, a shadow)."
+    (lo, hi), n = boxes, len(boxes[0]) - 1
     cells = np.array([np.bincount(s, minlength=n + 1) for s in (grid[0], grid[-1], grid[:, 0], grid[:, -1])])
     out = np.zeros(n + 1, bool)   # cells: how many cells of each side each component lies on
     for c in np.flatnonzero(cells[:, 1:].any(0)) + 1:               # those touching a side
-        lo, hi = _box(grid, c)
-        rows, cols = hi - lo + 1
+        rows, cols = hi[c] - lo[c] + 1
         out[c] = (cells[:, c] >= (rows, rows, cols, cols)).any()   # along a side further than it reaches in from it
     return out
 
@@ -529,13 +531,6 @@ _NEAR = 0.5  # parts reaching within this fraction of the digit's size of its bo
 _PART = 0.08 # ... if they hold at least this fraction of its ink (less is a speck)
 _RIVAL = 0.5 # a mark with this fraction of the digit's ink is kept wherever it is: two digits stay two
 _FLAT = 4    # a mark this many times wider than tall is a dash or a line (an underline, a field to fill in)
-
-def _extents(grid: np.ndarray, n: int) -> np.ndarray:
-    "Heights (first row) and widths (second), in cells, of the boxes of components 0..n of the labelled `grid` (0: the empty cells)."
-    lab, (ys, xs) = grid.ravel(), np.divmod(np.arange(grid.size), grid.shape[1])
-    lo, hi = np.full((2, n + 1), grid.size), np.full((2, n + 1), -1)
-    for k, v in enumerate((ys, xs)): np.minimum.at(lo[k], lab, v); np.maximum.at(hi[k], lab, v)
-    return np.maximum(hi - lo + 1, 0)
 
 def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     "The cells (g x g pixels each) of `mask` that hold the digit, and g; None if `mask` is empty."
@@ -551,21 +546,22 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     cy = np.bincount(lab, weights=ys * counts, minlength=n + 1) / np.maximum(mass, 1)
     cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
     score = mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
-    edge = _from_edges(grid, n)
-    tall, wide = _extents(grid, n)
+    starts, ends = boxes = _boxes(grid, n)
+    edge = _from_edges(grid, boxes)
+    tall, wide = (ends - starts + 1).T
     flat = wide >= _FLAT * tall
     rest = ~edge & (np.bincount(lab, minlength=n + 1) >= 2)   # marks of two cells or more, not from the sides
     if (rest & ~flat)[1:].any(): score[flat] = -1             # dashes only if nothing else is there
     if rest[1:].any(): score[edge] = -1
     else: edge[:] = False                                      # nothing else is left: they are all there is
     best = int(score[1:].argmax()) + 1
-    lo, hi = _box(grid, best)
+    lo, hi = starts[best], ends[best]
     size = (hi - lo + 1).max()
     grow = _NEAR * size
     keep = np.zeros(n + 1, bool); keep[best] = True
     for c in np.flatnonzero((mass >= _PART * mass[best]) & ~edge & ~(flat & (wide > 1.5 * size))):   # no dash much
         if c and c != best:                                                                            # longer than it
-            l, u = _box(grid, c); keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
+            l, u = starts[c], ends[c]; keep[c] = ((u >= lo - grow).all() and (l <= hi + grow).all()   # boxes meet
                                       or mass[c] >= _RIVAL * mass[best] and not flat[c])   # or a second digit
     return _grow(_grow(keep[grid], 1).T, 1).T, g   # and one cell around: the strokes' faint edges
 
