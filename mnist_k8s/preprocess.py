@@ -468,8 +468,8 @@ def _tilted_hlines(mask: np.ndarray, slope: float | None, alone: bool = True) ->
     if found is None or np.count_nonzero(found) < _LONG * w / 2 or (not alone and _lone(found, level)): return None
     return found[np.arange(h)[:, None] + k - d, cols] if k else found   # back to the picture's rows
 
-def _lines(faint: np.ndarray) -> np.ndarray | None:
-    "Ruled and grid lines among the `faint` ink, found on blocks of 2x2 pixels or more; None if there are none."
+def _lines(faint: np.ndarray, ruled: bool = False) -> np.ndarray | None:
+    "Ruled and grid lines among the `faint` ink, found on blocks of 2x2 pixels or more; None if there are none. `ruled`: the page is known to be ruled, so a lone line is a line."
     if min(faint.shape) < _MIN_PAGE: return None
     f = max(1, max(faint.shape) // 128)
     m = _pool(faint, f)
@@ -478,7 +478,7 @@ def _lines(faint: np.ndarray) -> np.ndarray | None:
     for t in (False, True, False, True):   # twice: at first a crossing hides each family from the other
         rest = (m & ~lines).T if t else m & ~lines
         if t not in slopes: slopes[t] = _slope(rest)
-        found = _tilted_hlines(rest, slopes[t], alone=lines.any())
+        found = _tilted_hlines(rest, slopes[t], alone=ruled or lines.any())
         if found is not None: lines |= found.T if t else found
         elif t and not lines.any(): return None
     return np.repeat(np.repeat(lines, f, axis=0), f, axis=1)[:faint.shape[0], :faint.shape[1]]
@@ -689,11 +689,11 @@ def _reduce(img: Image.Image, work: int, thin: bool = False) -> Image.Image:
     a = np.asarray(img)
     return Image.fromarray(_blocks(a, f, np.minimum if np.median(a[::4, ::4]) >= 128 else np.maximum))
 
-def _find(inks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int], np.ndarray | None] | None:
-    "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop, the crop's (x, y) in `inks` and the lines found (None if none); None if no digit."
+def _find(inks: np.ndarray, ruled: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int], np.ndarray | None] | None:
+    "The digit's ink (a crop of `inks`, other marks cleared), its bounding box in that crop, the crop's (x, y) in `inks` and the lines found (None if none; `ruled`: see `_lines`); None if no digit."
     if max(inks.shape) <= _CELLS:   # a thumbnail, such as an MNIST digit: no ruling, no room for other marks
         return None if not (inks >= _HALF).any() or (bbox := _ink_bbox(inks)) is None else (inks, bbox, (0, 0), None)
-    mask, lines = inks >= _HALF, _lines(inks >= _INKED)
+    mask, lines = inks >= _HALF, _lines(inks >= _INKED, ruled)
     if lines is not None: mask &= ~lines
     if (picked := _pick(mask)) is None: return None
     sel, g = picked
@@ -783,15 +783,15 @@ class _Found(NamedTuple):
         l, t, r, b = self.box
         return self._replace(box=((left + l) / s, (top + t) / s, (left + r) / s, (top + b) / s))
 
-def _locate(img: Image.Image, inside: bool = True, thin: bool = False) -> _Found | None:
-    "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px (see `_reduce` for `thin`); None if there is none."
+def _locate(img: Image.Image, inside: bool = True, thin: bool = False, ruled: bool = False) -> _Found | None:
+    "The digit in decoded `img`, analysed with its longer side reduced to about `_WORK` px (see `_reduce` for `thin`, `_lines` for `ruled`); None if there is none."
     grey, alpha = _layers(img)
     flat = _composite(grey, alpha, 255)
     maps = _ink_map(work := np.asarray(_reduce(flat, _WORK, thin)))
     if maps is None and alpha is not None:   # light strokes on a transparent background
         flat = _composite(grey, alpha, 0)
         maps = _ink_map(work := np.asarray(_reduce(flat, _WORK, thin)))
-    if maps is None or (found := _find(inks := maps[0])) is None: return None
+    if maps is None or (found := _find(inks := maps[0], ruled)) is None: return None
     if maps[1] is not None: found = _unshaded(found, inks, maps[1])
     crop, (l, t, r, b), (x0, y0), lines = found
     k, q = img.width / inks.shape[1], work.shape[1] / inks.shape[1]   # img's and work's px per px of inks
@@ -844,15 +844,17 @@ def _sharper(found: _Found, img: Image.Image, larger: Callable[[int], Image.Imag
     return found if (again := _locate(region)) is None else again.moved(left, top, s)   # back to img's pixels
 
 # %% ../nbs/06_preprocess.ipynb #45042e3a
-def _thin(img: Image.Image, larger: Callable[[int], Image.Image]) -> _Found | None:
-    "The digit in `img`, found again from `larger(1024)` reduced to each block's darkest pixel; None if none."
+def _thin(img: Image.Image, larger: Callable[[int], Image.Image], ruled: bool = False) -> _Found | None:
+    "The digit in `img`, found again from `larger(1024)` reduced to each block's darkest pixel (`ruled`: see `_lines`); None if none."
     big = larger(4 * _WORK)
     if max(big.size) < 2 * _WORK: return None      # not reduced for the analysis: nothing was washed out
-    return None if (again := _locate(big, thin=True)) is None else again.moved(0, 0, big.width / img.width)
+    return None if (again := _locate(big, thin=True, ruled=ruled)) is None else again.moved(0, 0, big.width / img.width)
 
 # %% ../nbs/06_preprocess.ipynb #9b97e620
 _FAINTER, _KEPT = 0.9, 0.5   # a channel is read instead of grey when the ruling is at most this dark in it (relative
                               # to grey), and kept when the ink found in it is at least this strong
+_GREW, _SPARSE = 4, 0.03     # a channel's digit this many times the size of grey's, with ink on less than this
+                              # fraction of its box, is grey's digit joined with what is left of the lines there
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # Pillow's grey: ITU-R 601-2 luma
 
 def _ruling_channel(ruling: np.ndarray, rgb: Image.Image) -> int | None:
@@ -862,6 +864,12 @@ def _ruling_channel(ruling: np.ndarray, rgb: Image.Image) -> int | None:
     dark = [float(np.median((_filter(p, 5, np.maximum) - p)[ruling])) for p in planes]   # below the paper around them
     c = int(np.argmin(dark[:3]))
     return c if dark[3] > 2 and dark[c] <= _FAINTER * dark[3] else None
+
+def _joined(again: _Found, one: Image.Image, found: _Found, img: Image.Image) -> bool:
+    "Whether `again`, found in channel `one`, is `found` (in `img`) joined with the lines' remains: `_GREW` times as big, and sparse."
+    area = lambda f, im: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) / im.width ** 2   # of the picture's width squared
+    l, t, r, b = again.bbox
+    return np.count_nonzero(again.ink >= _INKED) < _SPARSE * (r - l) * (b - t) and area(again, one) > _GREW * area(found, img)
 
 def _in_channel(img: Image.Image, larger: Callable[..., Image.Image], found: _Found) -> tuple:
     "`img`, `larger` and `found`, or the same in the channel of `img` where `found`'s ruling fades, if the ink stays strong there."
@@ -873,9 +881,9 @@ def _in_channel(img: Image.Image, larger: Callable[..., Image.Image], found: _Fo
     one = rgb.convert("RGB").getchannel(c)
     def more(side: int, colour: bool = False) -> Image.Image:   # `larger`, in that channel
         return one if side <= max(one.size) else larger(side, colour=True).convert("RGB").getchannel(c)
-    again = _locate(one) or _thin(one, more)
+    again = _locate(one, ruled=True) or _thin(one, more, ruled=True)   # (grey found lines: a lone one there is one)
     if again is None or again.level < _KEPT * found.level and not (found.thin and not again.thin): return img, larger, found
-    return one, more, again
+    return (img, larger, found) if _joined(again, one, found, img) else (one, more, again)
 
 # %% ../nbs/06_preprocess.ipynb #2281abf5
 def _mnist(img: Image.Image, blank: str, larger: Callable[..., Image.Image]) -> np.ndarray:
