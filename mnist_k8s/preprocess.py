@@ -853,7 +853,7 @@ def _thin(img: Image.Image, larger: Callable[[int], Image.Image], ruled: bool = 
 # %% ../nbs/06_preprocess.ipynb #9b97e620
 _FAINTER, _KEPT = 0.9, 0.5   # a channel is read instead of grey when the ruling is at most this dark in it (relative
                               # to grey), and kept when the ink found in it is at least this strong
-_GREW, _SPARSE = 4, 0.03     # a channel's digit this many times the size of grey's, with ink on less than this
+_GREW, _SPARSE = 4, 0.03     # a channel's digit box this many times the area of grey's, with ink on less than this
                               # fraction of its box, is grey's digit joined with what is left of the lines there
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # Pillow's grey: ITU-R 601-2 luma
 
