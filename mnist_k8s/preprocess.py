@@ -122,8 +122,6 @@ def _unidentified(data: bytes, formats: Iterable[str]) -> ImageError:
     return ImageError("unsupported_format", f"{fmt} files are not supported. Accepted formats: {', '.join(accepted)}.")
 
 # %% ../nbs/06_preprocess.ipynb #385463da
-_WARNINGS_LOCK = threading.Lock()
-
 @functools.lru_cache
 def _formats(formats: tuple[str, ...]) -> tuple[str, ...]:
     "`formats` upper-cased and checked against the formats Pillow can open."
@@ -131,6 +129,9 @@ def _formats(formats: tuple[str, ...]) -> tuple[str, ...]:
     if any(f not in Image.OPEN for f in formats): Image.init()  # registers the plugins Pillow loads lazily
     if unknown := set(formats) - set(Image.OPEN): raise ValueError(f"Pillow cannot open formats {sorted(unknown)}")
     return formats
+
+# %% ../nbs/06_preprocess.ipynb #dfcc444c
+_WARNINGS_LOCK = threading.Lock()
 
 def _open(data: bytes, max_pixels: int, max_aspect_ratio: float, formats: Iterable[str],
           draft: int | None = None, colour: bool = False) -> Image.Image:
@@ -245,6 +246,7 @@ def _filter(g: np.ndarray, k: int, op) -> np.ndarray:
         g = op(p[:n], p[k - w:k - w + n]).T                  # two overlapping ones cover k rows
     return g
 
+# %% ../nbs/06_preprocess.ipynb #4b90c0c5
 def _stroke_width(mask: np.ndarray) -> float:
     "Mean stroke width of the shapes in boolean `mask`: 2 x area / boundary pixels (>= 2)."
     area = np.count_nonzero(mask)
@@ -578,9 +580,6 @@ def _resample(img: Image.Image, bbox: tuple[int, int, int, int], s: float) -> np
     return np.asarray(out, dtype=np.float32) * np.float32(1 / 255)
 
 # %% ../nbs/06_preprocess.ipynb #0a1a502c
-_FINE = 4   # measure and thicken thin strokes at 4x the output resolution
-_MIN_WIDTH, _TARGET_WIDTH = 1.0, 2.75  # stroke widths in output pixels: thicken below the first, to the second
-
 def _grow_rows(mask: np.ndarray, r: int) -> np.ndarray:
     "Set every pixel within `r` rows of a set pixel (a running sum: the cost does not depend on `r`)."
     c = np.zeros((mask.shape[0] + 2 * r + 1, mask.shape[1]), np.int32)
@@ -590,6 +589,10 @@ def _grow_rows(mask: np.ndarray, r: int) -> np.ndarray:
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     "`mask` grown by `r` pixels in every direction (a (2r+1)-square max filter)."
     return _grow_rows(_grow_rows(mask, r).T, r).T
+
+# %% ../nbs/06_preprocess.ipynb #6f5da985
+_FINE = 4   # measure and thicken thin strokes at 4x the output resolution
+_MIN_WIDTH, _TARGET_WIDTH = 1.0, 2.75  # stroke widths in output pixels: thicken below the first, to the second
 
 def _width(ink: Image.Image, inks: np.ndarray, bbox: tuple[int, int, int, int], s: float) -> float:
     "The stroke width, in output pixels, of the digit in `bbox` once scaled by `s`."
@@ -715,8 +718,6 @@ def _find(inks: np.ndarray, ruled: bool = False) -> tuple[np.ndarray, tuple[int,
     return crop, bbox, (x0, y0), lines
 
 # %% ../nbs/06_preprocess.ipynb #2d14df96
-_SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its rectangle inked; looked into this far from its edges
-_STRAIGHT, _BIG_DIGIT = 0.9, 0.6   # ... or this much within its outline, and this much inked (a big digit on it)
 _TILTS = np.radians(np.arange(-20, 20.1, 2.5))[:, None]   # a sheet's tilts tried, every 2.5 degrees
 
 def _rectangle(mask: np.ndarray) -> tuple[float, float, float, np.ndarray]:
@@ -734,6 +735,10 @@ def _rectangle(mask: np.ndarray) -> tuple[float, float, float, np.ndarray]:
     spans = float((xs[len(rows):] - xs[:len(rows)] + 1).sum())   # each row from its first to its last pixel
     area = du[i] * dv[i]
     return float(np.count_nonzero(mask) / area), spans / area, float(max(du[i], dv[i]) / min(du[i], dv[i])), corners
+
+# %% ../nbs/06_preprocess.ipynb #a73e4ca2
+_SOLID, _INSET = 0.75, 0.08   # a sheet: this much of its rectangle inked; looked into this far from its edges
+_STRAIGHT, _BIG_DIGIT = 0.9, 0.6   # ... or this much within its outline, and this much inked (a big digit on it)
 
 def _sheet(ink: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int],
            lighter: Callable[[], bool]) -> np.ndarray | None:
