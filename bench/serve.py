@@ -29,7 +29,9 @@ a temporary model store (an untrained net costs the same as a trained one), and 
 number of processes: uvicorn's own `--workers` (a supervisor that spawns fresh interpreters, each importing
 torch again; settings from the environment; one listening socket shared by the workers), and gunicorn with
 uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11 (faster, but with no bound on
-the request head: the price of the head limit).
+the request head: the price of the head limit), and mnist-k8s's own gunicorn setup with gunicorn's own ASGI
+worker (`worker_class="asgi"`, gunicorn 25 and later) in place of uvicorn-worker's: gunicorn's HTTP/1.1
+parser, which bounds the request line, the number of headers and each header's size (`limit_request_*`).
 
 `--frameworks` adds what users would pick instead, serving this project's model (the same published
 version, loaded by `mnist_k8s.serving.ModelHolder`) and preprocessing (`mnist_k8s.preprocess`): BentoML
@@ -444,6 +446,18 @@ def _app_env(tmp: Path) -> dict:
     return {"MNIST_K8S_MODEL_DIR": str(tmp / "models"), "MNIST_K8S_LOG_LEVEL": "warning",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
 
+# `mnist_k8s.server.serve` with one setting changed: gunicorn's own ASGI worker in place of uvicorn-worker's.
+GUNICORN_ASGI = """import sys
+from mnist_k8s import server
+from mnist_k8s.config import Settings
+s = Settings(host="127.0.0.1", port=int(sys.argv[1]))
+server.configure_logging(s.log_level)
+def load_app():
+    from mnist_k8s.api import create_app
+    return create_app(s)
+server.Gunicorn(load_app, {**server.gunicorn_options(s, int(sys.argv[2])), "worker_class": "asgi"}).run()
+"""
+
 def alternatives(tmp: Path, workers: int) -> list[Service]:
     "The same app under the process models `mnist_k8s.server` did not pick, with `workers` processes."
     out = []
@@ -458,6 +472,9 @@ def alternatives(tmp: Path, workers: int) -> list[Service]:
                        [sys.executable, "-m", "gunicorn", "mnist_k8s.api:create_app()", "-w", str(workers),
                         "--preload", "--reuse-port", "-k", "uvicorn_worker.UvicornWorker", "-b", f"127.0.0.1:{port}",
                         "--log-level", "warning"], "/readyz", port, env=_app_env(tmp)))
+    port = free_port()
+    out.append(Service(f"alternative: mnist-k8s on gunicorn's own ASGI worker ({workers} processes)",
+                       [sys.executable, "-c", GUNICORN_ASGI, str(port), str(workers)], "/readyz", port, env=_app_env(tmp)))
     return out
 
 def frameworks(tmp: Path, workers: int, python: str) -> list[Service]:
