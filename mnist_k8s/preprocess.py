@@ -267,7 +267,7 @@ def _surfaces(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] |
 
 # %% ../nbs/06_preprocess.ipynb #c178f591
 _EVEN = 0.12   # a background varying less than this fraction of the paper level is evenly lit
-_PAPER = 96    # a border at least this bright is paper (dark ink), whatever a shadow does to the histogram
+_PAPER = 96    # a border at least this bright is paper (dark ink), whatever a flash or a shadow does to the histogram
 _SMALL = 128   # unevenly lit photos are analysed at about this size (integer reductions, not below it)
 
 _BLACK = 32    # border levels below this are black (a dark page or a screen), not shadow
@@ -281,7 +281,7 @@ def _shadowed(a: np.ndarray, bg: int) -> bool:
 
 def _uneven(a: np.ndarray, h: np.ndarray, bg: int, band: int, dark: bool) -> bool:
     "Whether `a` (levels counted in `h`, border median `bg`) is unevenly lit paper with dark ink on it."
-    if not (dark or bg >= _PAPER or _shadowed(a, bg)) or (s := _surfaces(a)) is None: return False
+    if not (dark or _shadowed(a, bg)) or (s := _surfaces(a)) is None: return False
     under_dark, brightest, under_bright, _ = s
     p_dark = _quantile(h, 0.005)
     paper = under_dark > p_dark + max(band, (_quantile(h, 0.995) - p_dark) // 4)   # not inside bold strokes,
@@ -350,7 +350,8 @@ def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int] | None:
     band = max(_NOISE_BAND, 4 * mad)
     h = _histogram(a)
     d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)  # ink candidates: levels < d0 (dark), >= b0 (bright)
-    dark = h[:d0] @ (d0 - _LEVELS[:d0]) ** 2 >= h[b0:] @ (_LEVELS[b0:] - b0 + 1) ** 2   # more contrast on the dark side
+    dark = bg >= _PAPER or h[:d0] @ (d0 - _LEVELS[:d0]) ** 2 >= h[b0:] @ (_LEVELS[b0:] - b0 + 1) ** 2   # paper, or
+                                                                                                  # more contrast on the dark side
     if not (uneven := _uneven(a, h, bg, band, dark)):   # one background level: a table of grey levels
         x = np.maximum((bg - _LEVELS) if dark else (_LEVELS - bg), 0)
         hx = np.bincount(x, weights=h, minlength=256)
