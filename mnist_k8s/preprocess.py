@@ -350,8 +350,8 @@ def _ink_map(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int] | None:
     band = max(_NOISE_BAND, 4 * mad)
     h = _histogram(a)
     d0, b0 = max(bg - band, 0), min(bg + band + 1, 256)  # ink candidates: levels < d0 (dark), >= b0 (bright)
-    dark = bg >= _PAPER or h[:d0] @ (d0 - _LEVELS[:d0]) ** 2 >= h[b0:] @ (_LEVELS[b0:] - b0 + 1) ** 2   # paper, or
-                                                                                                  # more contrast on the dark side
+    # the ink is dark on paper (a flash's bright patch is not ink), else on the side with more contrast
+    dark = bg >= _PAPER or h[:d0] @ (d0 - _LEVELS[:d0]) ** 2 >= h[b0:] @ (_LEVELS[b0:] - b0 + 1) ** 2
     if not (uneven := _uneven(a, h, bg, band, dark)):   # one background level: a table of grey levels
         x = np.maximum((bg - _LEVELS) if dark else (_LEVELS - bg), 0)
         hx = np.bincount(x, weights=h, minlength=256)

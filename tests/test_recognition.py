@@ -388,7 +388,7 @@ def test_a_ballpoint_on_a_notebook_page_is_not_its_margin():
 def _flashed(i: int, rng: np.random.Generator) -> bytes:
     """MNIST digit `i`, 6 to 12% of a 1200 x 900 page high, in pencil or a light ballpoint (50 to 90 grey levels
     below the paper), 1 px wide (2 px in a third), away from the middle of a phone photo taken with its flash:
-    the middle 12 to 25% brighter than the border (JPEG)."""
+    the middle 13 to 28% brighter than the border (JPEG)."""
     H, W = 900, 1200
     h = int(H * rng.uniform(0.06, 0.12))
     line = corpus._skeleton(corpus.shape(DIGITS[i], h, rng, 0.0))
