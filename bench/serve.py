@@ -30,7 +30,7 @@ number of processes: uvicorn's own `--workers` (a supervisor that spawns fresh i
 torch again; settings from the environment; one listening socket shared by the workers), and gunicorn with
 uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11 (faster, but with no bound on
 the request head: the price of the head limit), and mnist-k8s's own gunicorn setup with gunicorn's own ASGI
-worker (`worker_class="asgi"`, gunicorn 25 and later) in place of uvicorn-worker's: gunicorn's HTTP/1.1
+worker (`worker_class="asgi"`, gunicorn 24 and later) in place of uvicorn-worker's: gunicorn's HTTP/1.1
 parser, which bounds the request line, the number of headers and each header's size (`limit_request_*`).
 
 `--frameworks` adds what users would pick instead, serving this project's model (the same published
