@@ -25,13 +25,16 @@ already, or --skip-ours-1worker), with a freshly initialised model of the real a
 a temporary model store (an untrained net costs the same as a trained one), and the real preprocessing
 (`mnist_k8s.preprocess`).
 
-`--alternatives` adds the process models `mnist_k8s.server` did not pick, serving the same app with the same
-number of processes: uvicorn's own `--workers` (a supervisor that spawns fresh interpreters, each importing
-torch again; settings from the environment; one listening socket shared by the workers), and gunicorn with
-uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11 (faster, but with no bound on
-the request head: the price of the head limit), and mnist-k8s's own gunicorn setup with gunicorn's own ASGI
-worker (`worker_class="asgi"`, gunicorn 24 and later) in place of uvicorn-worker's: gunicorn's HTTP/1.1
-parser, which bounds the request line, the number of headers and each header's size (`limit_request_*`).
+`--alternatives` adds what `mnist_k8s.server` did not pick. First its single process (as in the cluster)
+without freezing the garbage collector after building the app: every full collection then walks the few
+hundred thousand objects of torch and FastAPI while requests wait. Then the process models it did not pick,
+serving the same app with the same number of processes: uvicorn's own `--workers` (a supervisor that spawns
+fresh interpreters, each importing torch again; settings from the environment; one listening socket shared by
+the workers), and gunicorn with uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11
+(faster, but with no bound on the request head: the price of the head limit), and mnist-k8s's own gunicorn
+setup with gunicorn's own ASGI worker (`worker_class="asgi"`, gunicorn 24 and later) in place of
+uvicorn-worker's: gunicorn's HTTP/1.1 parser, which bounds the request line, the number of headers and each
+header's size (`limit_request_*`).
 
 `--frameworks` adds what users would pick instead, serving this project's model (the same published
 version, loaded by `mnist_k8s.serving.ModelHolder`) and preprocessing (`mnist_k8s.preprocess`): BentoML
@@ -458,9 +461,23 @@ def load_app():
 server.Gunicorn(load_app, {**server.gunicorn_options(s, int(sys.argv[2])), "worker_class": "asgi"}).run()
 """
 
+# `mnist_k8s.server.serve_one` as it was before it froze the garbage collector: the app built and served as is.
+ONE_UNFROZEN = """import sys, uvicorn
+from mnist_k8s import server
+from mnist_k8s.api import create_app
+from mnist_k8s.config import Settings
+s = Settings(host="127.0.0.1", port=int(sys.argv[1]), model_dir=sys.argv[2], workers=1)
+server.configure_logging(s.log_level)
+uvicorn.run(create_app(s), **server.uvicorn_options(s))
+"""
+
 def alternatives(tmp: Path, workers: int) -> list[Service]:
     "The same app under the process models `mnist_k8s.server` did not pick, with `workers` processes."
     out = []
+    port = free_port()
+    out.append(Service("alternative: mnist-k8s (1 process), garbage collector not frozen",
+                       [sys.executable, "-c", ONE_UNFROZEN, str(port), str(tmp / "models")], "/readyz", port,
+                       env={"MNIST_K8S_LOG_LEVEL": "warning"}))
     port = free_port()
     out.append(Service(f"alternative: uvicorn --workers {workers} (spawned)",
                        [sys.executable, "-m", "uvicorn", "mnist_k8s.api:create_app", "--factory", "--workers",
@@ -507,7 +524,8 @@ def main(argv=None):
                     help="do not run the reference variant limited to one torch thread")
     ap.add_argument("--skip-strategies", action="store_true", help="skip the in-process inference comparison")
     ap.add_argument("--alternatives", action="store_true",
-                    help="also the process models not picked: uvicorn --workers, gunicorn on httptools")
+                    help="also what mnist_k8s.server did not pick: one process with the collector not frozen, "
+                         "uvicorn --workers, gunicorn on httptools, gunicorn's ASGI worker")
     ap.add_argument("--frameworks", action="store_true", help="also BentoML and LitServe (extra `bench`)")
     ap.add_argument("--ablation", action="store_true",
                     help="also mnist-k8s with each upload analysed once (decoded each time or not): where the time goes")

@@ -50,9 +50,13 @@ def uvicorn_options(s: Settings) -> dict:
 def serve_one(s: Settings):
     "Serve with one uvicorn process (blocking); SIGTERM drains, then returns."
     import uvicorn
-    from mnist_k8s.api import create_app
+    gc.disable()                                  # build without collecting; what exists then is never scanned
+    try:
+        from mnist_k8s.api import create_app
+        app = create_app(s)
+    finally: gc.freeze(); gc.enable()
     previous = signal.signal(signal.SIGTERM, lambda *_: log.info("stopped after SIGTERM"))
-    try: uvicorn.run(create_app(s), **uvicorn_options(s))
+    try: uvicorn.run(app, **uvicorn_options(s))
     finally: signal.signal(signal.SIGTERM, previous)
 
 # %% ../nbs/12_server.ipynb #2ed4ad1b
