@@ -529,12 +529,22 @@ def _from_edges(grid: np.ndarray, boxes: tuple[np.ndarray, np.ndarray]) -> np.nd
         out[c] = (cells[:, c] >= (rows, rows, cols, cols)).any()   # along a side further than it reaches in from it
     return out
 
-# %% ../nbs/06_preprocess.ipynb #093561a2
+# %% ../nbs/06_preprocess.ipynb #47ab2852
 _NEAR = 0.5  # parts reaching within this fraction of the digit's size of its box belong to it (a broken 5)
 _PART = 0.08 # ... if they hold at least this fraction of its ink (less is a speck)
 _RIVAL = 0.5 # a mark with this fraction of the digit's ink is kept wherever it is: two digits stay two
 _FLAT = 4    # a mark this many times wider than tall is a dash or a line (an underline, a field to fill in)
 
+def _centred(lab: np.ndarray, counts: np.ndarray, n: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    "Each mark's ink, and its ink weighted towards the centre; `lab` numbers the cells' marks row by row, `w` a row."
+    h = len(lab) // w
+    ys, xs = np.divmod(np.arange(len(lab)), w)   # each cell's row and column
+    mass = np.bincount(lab, weights=counts, minlength=n + 1)
+    cy = np.bincount(lab, weights=ys * counts, minlength=n + 1) / np.maximum(mass, 1)
+    cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
+    return mass, mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
+
+# %% ../nbs/06_preprocess.ipynb #093561a2
 def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     "The cells (g x g pixels each) of `mask` that hold the digit, and g; None if `mask` is empty."
     g = max(1, math.ceil(max(mask.shape) / _CELLS))
@@ -544,11 +554,7 @@ def _pick(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
     lab, n = _components(counts.reshape(h, w) > (g > 1))   # a lone pixel in a cell is a speck
     if n <= 1: return None if n == 0 else (_grow(_grow(lab > 0, 1).T, 1).T, g)   # one mark: nothing to choose
     grid, lab = lab, lab.ravel()
-    ys, xs = np.divmod(np.arange(h * w), w)   # each cell's row and column
-    mass = np.bincount(lab, weights=counts, minlength=n + 1)
-    cy = np.bincount(lab, weights=ys * counts, minlength=n + 1) / np.maximum(mass, 1)
-    cx = np.bincount(lab, weights=xs * counts, minlength=n + 1) / np.maximum(mass, 1)
-    score = mass * (1 - np.hypot((cy + 0.5) / h - 0.5, (cx + 0.5) / w - 0.5))
+    mass, score = _centred(lab, counts, n, w)
     starts, ends = boxes = _boxes(grid, n)
     edge = _from_edges(grid, boxes)
     tall, wide = (ends - starts + 1).T
