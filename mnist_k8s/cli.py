@@ -104,11 +104,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 # %% ../nbs/13_cli.ipynb #fafd4015
 def cmd_train(s: Settings) -> int:
-    from mnist_k8s.pipeline import TrainingFailed, run_training
+    from mnist_k8s.pipeline import TrainingFailed, TrainingStopped, run_training
     try: run_training(s)
-    except TrainingFailed as e:
-        print(f"mnist-k8s train: {e}", file=sys.stderr)
-        return 1
+    except TrainingFailed as e:                       # or TrainingStopped: exit code 128 + the signal's number
+        gap = "\n" if isinstance(e, TrainingStopped) else ""   # (the progress bar's line may be unfinished)
+        print(f"{gap}mnist-k8s train: {e}", file=sys.stderr)
+        return e.exit_code
     return 0  # run_training has printed where the model and its report are
 
 def cmd_serve(s: Settings) -> int:

@@ -9,8 +9,11 @@ import logging
 import re
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +22,23 @@ from . import store
 from .config import Settings, get_settings
 
 # %% auto #0
-__all__ = ['TrainingFailed', 'PublishedRun', 'strip_scripts', 'render_html', 'notebook_parameters', 'execute', 'publish_report',
-           'run_training']
+__all__ = ['TrainingFailed', 'TrainingStopped', 'PublishedRun', 'strip_scripts', 'render_html', 'notebook_parameters',
+           'stoppable', 'execute', 'publish_report', 'run_training']
 
 # %% ../nbs/05_pipeline.ipynb #24971f30
 class TrainingFailed(RuntimeError):
     "The training notebook failed, or its model could not be published; `report` is the partial report."
+    exit_code = 1   # of `mnist-k8s train`
     def __init__(self, message: str, report: Path | None = None, ename: str | None = None,
                  evalue: str | None = None):
         super().__init__(message)
         self.report, self.ename, self.evalue = report, ename, evalue
+
+class TrainingStopped(TrainingFailed):
+    "SIGINT (Ctrl-C) or SIGTERM (`kill`, Kubernetes stopping the pod) stopped the training notebook."
+    def __init__(self, message: str, report: Path | None, signum: int):
+        super().__init__(message, report, signal.Signals(signum).name)
+        self.signum, self.exit_code = signum, 128 + signum   # as a shell reports a process a signal ended
 
 @dataclass
 class PublishedRun:
@@ -82,18 +92,46 @@ def _kernel_config(socket_dir: Path):
     if os.name != "posix": return Config()  # Windows: TCP on loopback, as Jupyter does by default
     return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}})
 
+# %% ../nbs/05_pipeline.ipynb #db295712
+class _Signalled(KeyboardInterrupt):
+    "What `stoppable` raises when `signum` arrives."
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+def _raise(signum, frame): raise _Signalled(signum)
+
+@contextmanager
+def stoppable():
+    "While the context lasts, SIGINT and SIGTERM raise `KeyboardInterrupt` in the main thread (unless ignored)."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    saved = {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)
+             if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)}
+    try: yield
+    finally:
+        for sig, handler in saved.items(): signal.signal(sig, handler)
+
 # %% ../nbs/05_pipeline.ipynb #80932b32
+def _stopped(e: KeyboardInterrupt, report: Path, model_dir: Path) -> TrainingStopped:
+    "What `mnist-k8s train` says when a signal stopped the notebook: what is kept, and how to go on."
+    signum, partial = getattr(e, "signum", signal.SIGINT), report if report.exists() else None
+    return TrainingStopped(f"stopped by {signal.Signals(signum).name} while the training notebook ran"
+                           + (f"\n  partial report: {partial}" if partial else "")
+                           + f"\n  `latest` is unchanged; the finished epochs are kept in {model_dir / 'checkpoints'}:"
+                           + "\n  the same command resumes from there", partial, signum)
+
 def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path, *, log_output: bool = True,
             progress_bar: bool = False):
-    "Run `s.train_notebook` with `parameters` in `run_dir`, saving it to `report`; `TrainingFailed` if it fails."
+    "Run `s.train_notebook` with `parameters` in `run_dir`, saving it to `report`; `TrainingFailed` if it fails (`TrainingStopped` on a signal)."
     import papermill as pm
     try:
-        with tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets:
+        with stoppable(), tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets:
             pm.execute_notebook(str(s.train_notebook), str(report), parameters=parameters, kernel_name="python3",
                                 language="python", cwd=str(run_dir), progress_bar=progress_bar,
-                                config=_kernel_config(Path(sockets)),
+                                config=_kernel_config(Path(sockets)), shutdown_kernel="immediate",
                                 stdout_file=sys.stdout if log_output else None,
                                 stderr_file=sys.stderr if log_output else None)
+    except KeyboardInterrupt as e: raise _stopped(e, report, Path(parameters["model_dir"])) from None
     except Exception as e:
         ename, evalue = _error_of(e)
         where = f" in cell {e.exec_count}" if getattr(e, "exec_count", None) else ""

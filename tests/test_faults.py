@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from mnist_k8s import store
-from helpers import (cli, cli_env, copy_version, http_request, kill_tree, mnist_test_digits, raw_http, RELOAD, SAMPLE,
-                     serve_copy, Server, server_for, wait_for)
+from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, http_request, kill_tree, mnist_test_digits,
+                     need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 TICK = 10 * RELOAD + 5          # long enough for the server to notice a change in the store
@@ -299,6 +299,58 @@ def test_training_killed_mid_epoch_resumes_to_the_same_model(tmp_path):
     assert [h["epoch"] for h in ma["history"]] == [1, 2, 3]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "resumed model differs"
     assert ma["test_accuracy"] == mb["test_accuracy"] and ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+# ------------------------------------------------------------------ training: stopped by a signal
+def _train_until_first_epoch(how: str, model_dir: Path, tmp: Path) -> subprocess.Popen:
+    """`mnist-k8s train` of 50 small epochs, started as `how` says, once its first epoch is done. As a terminal
+    starts a command (SIGINT at its default: a shell's background job would ignore it), in its own session, with
+    its own TMPDIR; for "pid1", through `unshare` as the first process of a new PID namespace, as in a pod."""
+    env = {**cli_env(epochs=50, batch_size=32, limit=1200, test_limit=300, torch_threads=1, download="false",
+                     data_root=SAMPLE, model_dir=model_dir), "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-c", CLI, "train"]
+    if how == "pid1": cmd = [need("unshare", "util-linux"), "--pid", "--fork", "--kill-child", *cmd]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.lines = lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try: wait_for(lambda: any("epoch 1/50" in l for l in lines) or proc.poll() is not None, timeout=300)
+    except TimeoutError: kill_tree(proc); raise
+    if how == "pid1" and proc.returncode is not None and "Operation not permitted" in "".join(lines):
+        pytest.skip("this machine may not create PID namespaces (unshare needs CAP_SYS_ADMIN)")
+    assert proc.poll() is None, "".join(lines)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "kill", "pid1"])
+def test_training_stopped_by_a_signal_says_so_and_cleans_up(tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the process group), `kill` (SIGTERM), and Kubernetes stopping the Job's
+    pod (SIGTERM to the container's PID 1, which Linux delivers only to a process that handles it): within
+    seconds `mnist-k8s train` exits 130 or 143 without a traceback, saying what it kept and how to resume. The
+    notebook's kernel is gone, its socket folder removed, `latest` unchanged, the epoch-1 checkpoint kept."""
+    models, tmp = tmp_path / "models", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _train_until_first_epoch(how, models, tmp)
+    target = descendants(proc.pid)[0] if how == "pid1" else proc.pid   # unshare's child: PID 1 in there
+    family = [target, *descendants(target)]                            # the CLI and the notebook's kernel
+    assert len(family) >= 2, family
+    start = time.monotonic()
+    if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
+    else: os.kill(target, signal.SIGTERM)
+    try: proc.wait(timeout=20)
+    except subprocess.TimeoutExpired: kill_tree(proc); pytest.fail(f"still training 20 s after the signal ({how})")
+    took, out = time.monotonic() - start, "".join(proc.lines)
+    name, code = ("SIGINT", 130) if how == "ctrl_c" else ("SIGTERM", 143)
+    assert proc.returncode == code, (proc.returncode, out[-3000:])
+    assert f"mnist-k8s train: stopped by {name} while the training notebook ran" in out, out[-3000:]
+    assert "the same command resumes from there" in out and "Traceback" not in out, out[-3000:]
+    assert took < 15, took
+    wait_for(lambda: not any(_alive(p) for p in family), timeout=10)
+    assert not list(tmp.glob("mnist-k8s-kernel-*")), list(tmp.iterdir())
+    assert store.latest_version(models) is None
+    assert torch.load(next((models / "checkpoints").glob("*.pt")), weights_only=True)["epoch"] >= 1
+    assert len(list((models / "runs").glob("*/report.ipynb"))) == 1    # the partial report
 
 
 # ------------------------------------------------------------------ training: the disk fills up
