@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,18 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@contextmanager
+def kernel_tmpdir():
+    """A new folder in the system's temporary folder, removed afterwards: the TMPDIR of a training run whose
+    kernel's socket folder a signal may leave behind. (Under pytest's `tmp_path` the sockets' paths could pass
+    the 107 bytes a Unix socket's path may have.)"""
+    d = Path(tempfile.mkdtemp(prefix="mnist-k8s-test-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ servers

@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from mnist_k8s import store
-from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, http_request, kill_tree, mnist_test_digits,
-                     need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
+from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, http_request, kernel_tmpdir, kill_tree,
+                     mnist_test_digits, need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 TICK = 10 * RELOAD + 5          # long enough for the server to notice a change in the store
@@ -270,17 +270,18 @@ def test_training_killed_mid_epoch_resumes_to_the_same_model(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     reference = cli("train", env=cli_env(**params, model_dir=whole))  # the uninterrupted run, alongside
 
-    proc = cli("train", env=cli_env(**params, model_dir=killed))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        wait_for(lambda: any("epoch 1/3" in l for l in lines) or proc.poll() is not None, timeout=300)
-        assert proc.poll() is None, "".join(lines)
-        epoch_s = float(next(l for l in lines if "epoch 1/3" in l).rsplit("(", 1)[1].split()[0])
-        time.sleep(epoch_s / 2)                          # halfway through epoch 2
-    finally:
-        kill_tree(proc)
+    with kernel_tmpdir() as tmp:                     # (the SIGKILL leaves the kernel's sockets there)
+        proc = cli("train", env={**cli_env(**params, model_dir=killed), "TMPDIR": str(tmp)})
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: any("epoch 1/3" in l for l in lines) or proc.poll() is not None, timeout=300)
+            assert proc.poll() is None, "".join(lines)
+            epoch_s = float(next(l for l in lines if "epoch 1/3" in l).rsplit("(", 1)[1].split()[0])
+            time.sleep(epoch_s / 2)                      # halfway through epoch 2
+        finally:
+            kill_tree(proc)
     ckpts = list((killed / "checkpoints").glob("*.pt"))
     assert len(ckpts) == 1 and store.latest_version(killed) is None
     done = torch.load(ckpts[0], weights_only=True)["epoch"]
@@ -329,28 +330,28 @@ def test_training_stopped_by_a_signal_says_so_and_cleans_up(tmp_path, how):
     pod (SIGTERM to the container's PID 1, which Linux delivers only to a process that handles it): within
     seconds `mnist-k8s train` exits 130 or 143 without a traceback, saying what it kept and how to resume. The
     notebook's kernel is gone, its socket folder removed, `latest` unchanged, the epoch-1 checkpoint kept."""
-    models, tmp = tmp_path / "models", tmp_path / "tmp"
-    tmp.mkdir()
-    proc = _train_until_first_epoch(how, models, tmp)
-    target = descendants(proc.pid)[0] if how == "pid1" else proc.pid   # unshare's child: PID 1 in there
-    family = [target, *descendants(target)]                            # the CLI and the notebook's kernel
-    assert len(family) >= 2, family
-    start = time.monotonic()
-    if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
-    else: os.kill(target, signal.SIGTERM)
-    try: proc.wait(timeout=20)
-    except subprocess.TimeoutExpired: kill_tree(proc); pytest.fail(f"still training 20 s after the signal ({how})")
-    took, out = time.monotonic() - start, "".join(proc.lines)
-    name, code = ("SIGINT", 130) if how == "ctrl_c" else ("SIGTERM", 143)
-    assert proc.returncode == code, (proc.returncode, out[-3000:])
-    assert f"mnist-k8s train: stopped by {name} while the training notebook ran" in out, out[-3000:]
-    assert "the same command resumes from there" in out and "Traceback" not in out, out[-3000:]
-    assert took < 15, took
-    wait_for(lambda: not any(_alive(p) for p in family), timeout=10)
-    assert not list(tmp.glob("mnist-k8s-kernel-*")), list(tmp.iterdir())
-    assert store.latest_version(models) is None
-    assert torch.load(next((models / "checkpoints").glob("*.pt")), weights_only=True)["epoch"] >= 1
-    assert len(list((models / "runs").glob("*/report.ipynb"))) == 1    # the partial report
+    models = tmp_path / "models"
+    with kernel_tmpdir() as tmp:
+        proc = _train_until_first_epoch(how, models, tmp)
+        target = descendants(proc.pid)[0] if how == "pid1" else proc.pid   # unshare's child: PID 1 in there
+        family = [target, *descendants(target)]                            # the CLI and the notebook's kernel
+        assert len(family) >= 2, family
+        start = time.monotonic()
+        if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
+        else: os.kill(target, signal.SIGTERM)
+        try: proc.wait(timeout=20)
+        except subprocess.TimeoutExpired: kill_tree(proc); pytest.fail(f"still training 20 s after the signal ({how})")
+        took, out = time.monotonic() - start, "".join(proc.lines)
+        name, code = ("SIGINT", 130) if how == "ctrl_c" else ("SIGTERM", 143)
+        assert proc.returncode == code, (proc.returncode, out[-3000:])
+        assert f"mnist-k8s train: stopped by {name} while the training notebook ran" in out, out[-3000:]
+        assert "the same command resumes from there" in out and "Traceback" not in out, out[-3000:]
+        assert took < 15, took
+        wait_for(lambda: not any(_alive(p) for p in family), timeout=10)
+        assert not list(tmp.glob("mnist-k8s-kernel-*")), list(tmp.iterdir())
+        assert store.latest_version(models) is None
+        assert torch.load(next((models / "checkpoints").glob("*.pt")), weights_only=True)["epoch"] >= 1
+        assert len(list((models / "runs").glob("*/report.ipynb"))) == 1    # the partial report
 
 
 # ------------------------------------------------------------------ training: the disk fills up

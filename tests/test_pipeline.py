@@ -14,7 +14,7 @@ from mnist_k8s import store
 from mnist_k8s.model import build_model
 from mnist_k8s.pipeline import TrainingFailed, run_training
 
-from helpers import cli, cli_env, kill_tree, SAMPLE, SMALL, SMALL_MIN_ACCURACY, small_settings
+from helpers import cli, cli_env, kernel_tmpdir, kill_tree, SAMPLE, SMALL, SMALL_MIN_ACCURACY, small_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]   # each test runs the training notebook
 
@@ -124,16 +124,17 @@ def test_killed_run_resumes_from_checkpoint(tmp_path):
     models = tmp_path / "models"
     settings = dict(epochs=5, batch_size=100, limit=1000, test_limit=200, torch_threads=1, download="false",
                     data_root=SAMPLE, model_dir=models)
-    proc = cli("train", env=cli_env(**settings))
     ckpts = models / "checkpoints"
-    try:
-        deadline = time.monotonic() + 300
-        while not (ckpts.is_dir() and any(ckpts.glob("*.pt"))):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-    finally:
-        kill_tree(proc)
+    with kernel_tmpdir() as tmp:                         # (the SIGKILL leaves the kernel's sockets there)
+        proc = cli("train", env={**cli_env(**settings), "TMPDIR": str(tmp)})
+        try:
+            deadline = time.monotonic() + 300
+            while not (ckpts.is_dir() and any(ckpts.glob("*.pt"))):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.01)
+        finally:
+            kill_tree(proc)
     (ckpt,) = ckpts.glob("*.pt")
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 5, f"the run was not interrupted mid-training ({done} epochs done)"
