@@ -106,7 +106,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def cmd_train(s: Settings) -> int:
     from mnist_k8s.pipeline import TrainingFailed, TrainingStopped, run_training
     try: run_training(s)
-    except TrainingFailed as e:                       # or TrainingStopped: exit code 128 + the signal's number
+    except (TrainingFailed, TrainingStopped) as e:   # exit code 1, or 128 + the number of the signal that stopped it
         gap = "\n" if isinstance(e, TrainingStopped) else ""   # (the progress bar's line may be unfinished)
         print(f"{gap}mnist-k8s train: {e}", file=sys.stderr)
         return e.exit_code

@@ -34,11 +34,11 @@ class TrainingFailed(RuntimeError):
         super().__init__(message)
         self.report, self.ename, self.evalue = report, ename, evalue
 
-class TrainingStopped(TrainingFailed):
-    "SIGINT (Ctrl-C) or SIGTERM (`kill`, Kubernetes stopping the pod) stopped the training notebook."
+class TrainingStopped(KeyboardInterrupt):
+    "SIGINT (Ctrl-C) or SIGTERM (`kill`, Kubernetes stopping the pod) stopped the notebook: not a failure to retry."
     def __init__(self, message: str, report: Path | None, signum: int):
-        super().__init__(message, report, signal.Signals(signum).name)
-        self.signum, self.exit_code = signum, 128 + signum   # as a shell reports a process a signal ended
+        super().__init__(message)
+        self.report, self.signum, self.exit_code = report, signum, 128 + signum   # as a shell reports a death by signal
 
 @dataclass
 class PublishedRun:
