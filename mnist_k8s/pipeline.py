@@ -122,7 +122,7 @@ def _stopped(e: KeyboardInterrupt, report: Path, model_dir: Path) -> TrainingSto
 
 def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path, *, log_output: bool = True,
             progress_bar: bool = False):
-    "Run `s.train_notebook` with `parameters` in `run_dir`, saving it to `report`; `TrainingFailed` if it fails or stops."
+    "Run `s.train_notebook` in `run_dir`, saved to `report`; `TrainingFailed` if it fails, `TrainingStopped` on a signal."
     import papermill as pm
     try:
         with stoppable(), tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets:
