@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Inference image: `mnist-k8s serve` (FastAPI + uvicorn). No Jupyter, no papermill: only the package's base
+# Inference image: `mnist-k8s serve` (FastAPI under gunicorn). No Jupyter, no papermill: only the package's base
 # requirements. Build from the repository root: docker build -f docker/infer.Dockerfile -t mnist-k8s-infer .
 # (Skaffold does this for you: see skaffold.yaml.)
 #

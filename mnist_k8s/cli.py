@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="execute the training notebook with papermill and publish the model",
                        description="Execute the training notebook with papermill and publish the model with its report.")
     add_settings(t, "train")
-    s = sub.add_parser("serve", help="serve the published model (FastAPI + uvicorn)",
+    s = sub.add_parser("serve", help="serve the published model (FastAPI under gunicorn)",
                        description="Serve the published model; newly published versions are picked up by themselves.")
     add_settings(s, "serve")
     u = sub.add_parser("up", help="train a model if none is published, then serve it",

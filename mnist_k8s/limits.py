@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 # %% auto #0
-__all__ = ['BODY_TIMEOUT', 'MAX_HEAD_BYTES', 'SERVER_OPTIONS', 'CSP', 'SECURITY_HEADERS', 'ApiError', 'error_response',
-           'read_body', 'SecurityHeaders']
+__all__ = ['BODY_TIMEOUT', 'HEAD_LIMITS', 'KEEPALIVE', 'CSP', 'SECURITY_HEADERS', 'ApiError', 'error_response', 'read_body',
+           'SecurityHeaders']
 
 # %% ../nbs/09_limits.ipynb #fe517596
 class ApiError(Exception):
@@ -56,9 +56,9 @@ async def read_body(request: Request, limit: int, timeout: float = BODY_TIMEOUT)
     except asyncio.TimeoutError:
         raise ApiError("timeout", 408, f"request body not received within {timeout:g} s") from None
 
-# %% ../nbs/09_limits.ipynb #9c7e8802
-MAX_HEAD_BYTES = 64 * 1024   # request line + headers
-SERVER_OPTIONS = dict(http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=5)
+# %% ../nbs/09_limits.ipynb #dddade0c
+HEAD_LIMITS = dict(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190)  # gunicorn's
+KEEPALIVE = 5   # seconds an idle keep-alive connection stays open
 
 # %% ../nbs/09_limits.ipynb #b8708a50
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "

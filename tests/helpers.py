@@ -457,7 +457,7 @@ def form_type(boundary: str = BOUNDARY) -> str:
 
 # ------------------------------------------------------------------ process memory
 def rss_kib(pid: int) -> int:
-    "Resident memory (VmRSS, KiB) of `pid` and its descendants (uvicorn workers, if any)."
+    "Resident memory (VmRSS, KiB) of `pid` and its descendants (gunicorn's workers)."
     total = 0
     for p in [pid, *descendants(pid)]:
         try: status = Path(f"/proc/{p}/status").read_text()

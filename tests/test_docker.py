@@ -240,7 +240,7 @@ def test_inference_image_holds_no_jupyter_and_no_plotting():
     _, keys = generator("infer")
     assert not requirement_names(keys) & JUPYTER
     tree = reachable(requirement_names(keys))
-    assert {"torch", "fastapi", "uvicorn"} <= tree, "the base requirements are not installed here"
+    assert {"torch", "fastapi", "gunicorn"} <= tree, "the base requirements are not installed here"
     assert not tree & JUPYTER, tree & JUPYTER
     assert not any("nbs/" in i.value for s in stages(DOCKERFILES["infer"]) for i in s.all("COPY"))
 
