@@ -913,11 +913,24 @@ def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
     "A decoded upload as a float32 28x28 MNIST digit in [0, 1] (white ink on black, centred by mass)."
     return _mnist(img, blank, lambda side, colour=False: img)
 
+# %% ../nbs/06_preprocess.ipynb #c2d5cd38
+def _already_mnist(img: Image.Image) -> np.ndarray | None:
+    "`img` as the model's input if it is laid out as an MNIST digit (28x28 grey, light ink on pure black, 19-20 px long, centred by mass); else None."
+    if img.size != (_FIELD, _FIELD) or img.mode != "L" or img.format in ("JPEG", "MPO"): return None
+    a = np.asarray(img)
+    rows, cols = np.flatnonzero(a.any(1)), np.flatnonzero(a.any(0))
+    if len(rows) == 0 or a.max() < 128 or max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 not in (_BOX - 1, _BOX):
+        return None
+    x = a.astype(np.float32) / 255
+    mass, at = x.sum(), np.arange(_FIELD)
+    return x if max(abs(x.sum(1) @ at / mass - _CENTRE), abs(x.sum(0) @ at / mass - _CENTRE)) <= 0.75 else None
+
 # %% ../nbs/06_preprocess.ipynb #932debaa
 def preprocess(data: bytes, *, max_pixels: int = 25_000_000, max_aspect_ratio: float = 25.0,
                formats: Iterable[str] = ALLOWED_FORMATS, blank: str = "raise") -> np.ndarray:
     "Uploaded bytes → float32 28x28 MNIST-style digit in [0, 1]; any bad input raises `ImageError`."
     img = _open(data, max_pixels, max_aspect_ratio, formats, draft=_WORK)
+    if (digit := _already_mnist(img)) is not None: return digit
     def larger(side: int, colour: bool = False) -> Image.Image:   # a JPEG decoded small (draft, in grey) holds more
         if img.format not in ("JPEG", "MPO") or (side <= max(img.size) and not colour): return img   # pixels, and colour
         return _open(data, max_pixels, max_aspect_ratio, formats, draft=side, colour=colour)
