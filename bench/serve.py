@@ -6,7 +6,7 @@
     python bench/serve.py --ours-workers 3     # also try mnist-k8s with three server processes
     python bench/serve.py --alternatives       # also the process models mnist-k8s did not pick
     python bench/serve.py --frameworks         # also BentoML and LitServe (pip install -e ".[bench]")
-    python bench/serve.py --ablation           # also mnist-k8s without most of its preprocessing: where the time goes
+    python bench/serve.py --ablation           # also mnist-k8s analysing the upload as it does a photo: what that costs
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
 tutorials do: PIL open, convert("L"), resize((28, 28)), normalize, and a forward pass of the classic
@@ -19,22 +19,22 @@ whenever another process takes a core (an OpenMP barrier waits for a descheduled
 machine makes it look far worse than it is at its best.
 
 mnist-k8s runs through its CLI (`mnist-k8s serve`) as it is deployed: with its default number of server
-processes (one per CPU of the quota: gunicorn's arbiter forking uvicorn workers from the app it built), and
-once more limited to one process (a plain uvicorn process, as in the cluster; unless that is the default
-already, or --skip-ours-1worker), with a freshly initialised model of the real architecture published into
+processes (one per CPU of the quota: gunicorn's arbiter forking its own ASGI workers from the app it built),
+and once more limited to one worker process (as in the cluster; unless that is the default already, or
+--skip-ours-1worker), with a freshly initialised model of the real architecture published into
 a temporary model store (an untrained net costs the same as a trained one), and the real preprocessing
 (`mnist_k8s.preprocess`).
 
-`--alternatives` adds what `mnist_k8s.server` did not pick. First its single process (as in the cluster)
+`--alternatives` adds what `mnist_k8s.server` did not pick. First its single worker (as in the cluster)
 without freezing the garbage collector after building the app: every full collection then walks the few
-hundred thousand objects of torch and FastAPI while requests wait. Then the process models it did not pick,
-serving the same app with the same number of processes: uvicorn's own `--workers` (a supervisor that spawns
-fresh interpreters, each importing torch again; settings from the environment; one listening socket shared by
-the workers), and gunicorn with uvicorn-worker's stock worker, on uvicorn's httptools parser instead of h11
-(faster, but with no bound on the request head: the price of the head limit), and mnist-k8s's own gunicorn
-setup with gunicorn's own ASGI worker (`worker_class="asgi"`, gunicorn 24 and later) in place of
-uvicorn-worker's: gunicorn's HTTP/1.1 parser, which bounds the request line, the number of headers and each
-header's size (`limit_request_*`).
+hundred thousand objects of torch and FastAPI while requests wait. Then the HTTP stacks and process models
+it did not pick, serving the same app: one plain uvicorn process on its h11 parser (what the cluster ran
+before), mnist-k8s's own gunicorn setup with uvicorn-worker's worker on h11 in place of gunicorn's ASGI
+worker (what a laptop ran before; h11 is uvicorn's parser that bounds the request head), uvicorn's own
+`--workers` (a supervisor that spawns fresh interpreters, each importing torch again; settings from the
+environment; one listening socket shared by the workers), and gunicorn with uvicorn-worker's stock worker,
+on uvicorn's httptools parser (faster than h11, but with no bound on the request head). They need uvicorn
+and uvicorn-worker (extra `dev`).
 
 `--frameworks` adds what users would pick instead, serving this project's model (the same published
 version, loaded by `mnist_k8s.serving.ModelHolder`) and preprocessing (`mnist_k8s.preprocess`): BentoML
@@ -55,11 +55,11 @@ so pages that forked workers share with their parent (torch's code and data) cou
 divides each shared page among the processes sharing it, so it is what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
 on a thread pool.
 
-`--ablation` shows what the preprocessing costs in the running service (CPU that a profile of one function
-cannot show: the inference thread shares each process with the event loop). It adds mnist-k8s with each
-distinct upload analysed only once (the digit is remembered; the bench sends one upload, so what is left is
-HTTP, the framework, batching and the forward pass), and once more also decoding every upload as a PNG as
-before. Neither is a way to serve: they bound what a faster preprocessing could give.
+The upload is an MNIST digit, already laid out as MNIST lays out its digits, so `mnist_k8s.preprocess` takes
+it as it is (`_already_mnist`). `--ablation` shows what the analysis that photos, scans and drawings need
+costs in the running service (CPU that a profile of one function cannot show: the inference thread shares
+each process with the event loop): it adds mnist-k8s analysing every upload as it analyses a photo (the
+digit found, cropped, scaled and centred again).
 """
 from __future__ import annotations
 
@@ -432,12 +432,7 @@ def inference_strategies(model_dir: Path, duration: float, conns: list[int]) -> 
 ABLATION = textwrap.dedent('''
     import sys
     import mnist_k8s.preprocess as pp
-    full, seen = pp.preprocess, {{}}
-    def analysed_once(data, **limits):          # ablation: the digit of each distinct upload is analysed once
-        if {decode}: pp.open_image(data)        # (and the upload still decoded every time)
-        if data not in seen: seen[data] = full(data, **limits)
-        return seen[data].copy()
-    pp.preprocess = analysed_once
+    pp._already_mnist = lambda img: None        # ablation: no upload is taken as it is, each one is analysed
     from mnist_k8s.cli import main
     sys.exit(main(sys.argv[1:]))
 ''')
@@ -449,26 +444,48 @@ def _app_env(tmp: Path) -> dict:
     return {"MNIST_K8S_MODEL_DIR": str(tmp / "models"), "MNIST_K8S_LOG_LEVEL": "warning",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
 
-# `mnist_k8s.server.serve` with one setting changed: gunicorn's own ASGI worker in place of uvicorn-worker's.
-GUNICORN_ASGI = """import sys
+# `mnist_k8s.server.serve` with gunicorn's worker class changed: uvicorn-worker's, on uvicorn's h11 parser with its
+# bound on the request head (64 KiB), as mnist-k8s served before (its `SERVER_OPTIONS`).
+UVICORN_WORKER = """import sys
+from uvicorn_worker import UvicornWorker
 from mnist_k8s import server
 from mnist_k8s.config import Settings
+class H11Worker(UvicornWorker):
+    CONFIG_KWARGS = {"loop": "auto", "proxy_headers": True, "server_header": False, "http": "h11",
+                     "h11_max_incomplete_event_size": 64 * 1024, "timeout_keep_alive": 5}
 s = Settings(host="127.0.0.1", port=int(sys.argv[1]))
 server.configure_logging(s.log_level)
 def load_app():
     from mnist_k8s.api import create_app
     return create_app(s)
-server.Gunicorn(load_app, {**server.gunicorn_options(s, int(sys.argv[2])), "worker_class": "asgi"}).run()
+server.Gunicorn(load_app, {**server.gunicorn_options(s, int(sys.argv[2])), "worker_class": H11Worker}).run()
 """
 
-# `mnist_k8s.server.serve_one` as it was before it froze the garbage collector: the app built and served as is.
-ONE_UNFROZEN = """import sys, uvicorn
+# One uvicorn process on h11, as the Deployment ran before: the app built with the collector off, then frozen.
+ONE_UVICORN = """import gc, sys, uvicorn
 from mnist_k8s import server
-from mnist_k8s.api import create_app
 from mnist_k8s.config import Settings
 s = Settings(host="127.0.0.1", port=int(sys.argv[1]), model_dir=sys.argv[2], workers=1)
 server.configure_logging(s.log_level)
-uvicorn.run(create_app(s), **server.uvicorn_options(s))
+gc.disable()
+from mnist_k8s.api import create_app
+app = create_app(s)
+gc.freeze(); gc.enable()
+uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level, server_header=False, http="h11",
+            h11_max_incomplete_event_size=64 * 1024, timeout_keep_alive=5)
+"""
+
+# `mnist_k8s.server.serve` with one worker whose garbage collector was never frozen: the app built and served as is.
+ONE_UNFROZEN = """import gc, sys
+from mnist_k8s import server
+from mnist_k8s.config import Settings
+s = Settings(host="127.0.0.1", port=int(sys.argv[1]), model_dir=sys.argv[2], workers=1)
+server.configure_logging(s.log_level)
+def load_app():
+    gc.enable()
+    from mnist_k8s.api import create_app
+    return create_app(s)
+server.Gunicorn(load_app, {**server.gunicorn_options(s, 1), "pre_fork": lambda server, worker: None}).run()
 """
 
 def alternatives(tmp: Path, workers: int) -> list[Service]:
@@ -478,6 +495,14 @@ def alternatives(tmp: Path, workers: int) -> list[Service]:
     out.append(Service("alternative: mnist-k8s (1 process), garbage collector not frozen",
                        [sys.executable, "-c", ONE_UNFROZEN, str(port), str(tmp / "models")], "/readyz", port,
                        env={"MNIST_K8S_LOG_LEVEL": "warning"}))
+    port = free_port()
+    out.append(Service("alternative: one uvicorn process (h11)",
+                       [sys.executable, "-c", ONE_UVICORN, str(port), str(tmp / "models")], "/readyz", port,
+                       env={"MNIST_K8S_LOG_LEVEL": "warning"}))
+    port = free_port()
+    out.append(Service(f"alternative: mnist-k8s on uvicorn-worker (h11, {workers} processes)",
+                       [sys.executable, "-c", UVICORN_WORKER, str(port), str(workers)], "/readyz", port,
+                       env=_app_env(tmp)))
     port = free_port()
     out.append(Service(f"alternative: uvicorn --workers {workers} (spawned)",
                        [sys.executable, "-m", "uvicorn", "mnist_k8s.api:create_app", "--factory", "--workers",
@@ -489,9 +514,6 @@ def alternatives(tmp: Path, workers: int) -> list[Service]:
                        [sys.executable, "-m", "gunicorn", "mnist_k8s.api:create_app()", "-w", str(workers),
                         "--preload", "--reuse-port", "-k", "uvicorn_worker.UvicornWorker", "-b", f"127.0.0.1:{port}",
                         "--log-level", "warning"], "/readyz", port, env=_app_env(tmp)))
-    port = free_port()
-    out.append(Service(f"alternative: mnist-k8s on gunicorn's own ASGI worker ({workers} processes)",
-                       [sys.executable, "-c", GUNICORN_ASGI, str(port), str(workers)], "/readyz", port, env=_app_env(tmp)))
     return out
 
 def frameworks(tmp: Path, workers: int, python: str) -> list[Service]:
@@ -525,10 +547,10 @@ def main(argv=None):
     ap.add_argument("--skip-strategies", action="store_true", help="skip the in-process inference comparison")
     ap.add_argument("--alternatives", action="store_true",
                     help="also what mnist_k8s.server did not pick: one process with the collector not frozen, "
-                         "uvicorn --workers, gunicorn on httptools, gunicorn's ASGI worker")
+                         "one uvicorn process, uvicorn-worker on h11, uvicorn --workers, gunicorn on httptools")
     ap.add_argument("--frameworks", action="store_true", help="also BentoML and LitServe (extra `bench`)")
     ap.add_argument("--ablation", action="store_true",
-                    help="also mnist-k8s with each upload analysed once (decoded each time or not): where the time goes")
+                    help="also mnist-k8s analysing every upload as it does a photo: what that analysis costs")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     ap.add_argument("--frameworks-python", default=sys.executable,
                     help="the Python that has BentoML and LitServe installed (default: this one)")
@@ -547,13 +569,12 @@ def main(argv=None):
 
         from mnist_k8s.config import default_workers
         default = default_workers()
-        def ours(workers=None, ablation=None):
+        def ours(workers=None, ablation=False):
             port = free_port()
             code = "import sys; from mnist_k8s.cli import main; sys.exit(main(sys.argv[1:]))"
-            if ablation is not None: code = ABLATION.format(decode=ablation == "decoded")
+            if ablation: code = ABLATION
             n = workers or default
-            what = {None: "", "decoded": ", ablation: digit analysed once, upload decoded",
-                    "once": ", ablation: digit analysed once"}[ablation]
+            what = ", ablation: every upload analysed" if ablation else ""
             return Service(f"mnist-k8s ({'default: ' if workers is None and not what else ''}{n} process{'es' * (n > 1)}{what})",
                            [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
                             *(["--workers", str(workers)] if workers else []), "--model-dir", str(tmp / "models")],
@@ -570,7 +591,7 @@ def main(argv=None):
         services.append(ours())
         if default > 1 and not a.skip_ours_1worker: services.append(ours(1))
         if a.ours_workers and a.ours_workers not in (1, default): services.append(ours(a.ours_workers))
-        if a.ablation: services += [ours(ablation="decoded"), ours(ablation="once")]
+        if a.ablation: services.append(ours(ablation=True))
         if a.alternatives: services += alternatives(tmp, default)
         if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
