@@ -354,8 +354,7 @@ def requests() -> dict[str, Req]:
     r["method_POST_healthz"] = Req(post("/healthz", png, "image/png"))
     ok("query_string", post("/predict?file=../../etc/passwd&__proto__[x]=1&" + "a=b&" * 500, png, "image/png"))
     r["path_nul"] = Req(http_request("GET", "/predict%00.png"))
-    ok_path = http_request("GET", "/" + "a" * 4000)                      # a request line within 4094 bytes: a 404
-    r["path_long_4k"] = Req(ok_path)
+    r["path_long_4k"] = Req(http_request("GET", "/" + "a" * 4000))      # a request line within 4094 bytes: a 404
     r["path_long_8k"] = Req(http_request("GET", "/" + "a" * 8000), "protocol")   # over it: gunicorn's 414
     r["path_long_100k"] = Req(http_request("GET", "/" + "a" * 100_000), "protocol")
     # --- framing
@@ -374,7 +373,7 @@ def requests() -> dict[str, Req]:
     r["header_1MB"] = Req(post("/predict", png, "image/png", [("X-Big", "a" * (1 << 20))]), "protocol")
     r["headers_20000"] = Req(post("/predict", png, "image/png", [(f"X-H{i}", "v" * 50) for i in range(20000)]), "protocol")
     r["header_non_latin1"] = Req(post("/predict", png, "image/png", [("X-Name", "\u00ff\u00fe".encode("latin-1") + b"\x80\x81")]), "either")
-    # HTTP/1.1 requires Host (RFC 9112 answers 400); gunicorn serves the request anyway, and the app reads no Host
+    # HTTP/1.1 requires Host (RFC 9112 has the server answer 400); gunicorn serves it anyway, and the app reads no Host
     r["host_header_missing"] = Req(b"POST /predict HTTP/1.1\r\nContent-Type: image/png\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(png) + png, "any")
     ok("http_1_0", b"POST /predict HTTP/1.0\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(png) + png)
     r["http_0_9_style"] = Req(b"GET /\r\n\r\n", "any")
