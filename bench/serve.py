@@ -445,7 +445,7 @@ def _app_env(tmp: Path) -> dict:
             "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
 
 # `mnist_k8s.server.serve` with gunicorn's worker class changed: uvicorn-worker's, on uvicorn's h11 parser with its
-# bound on the request head (64 KiB), as mnist-k8s served before (its `SERVER_OPTIONS`).
+# bound on the request head (64 KiB), as mnist-k8s served before (what `limits.SERVER_OPTIONS` held then).
 UVICORN_WORKER = """import sys
 from uvicorn_worker import UvicornWorker
 from mnist_k8s import server

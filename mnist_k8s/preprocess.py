@@ -915,11 +915,11 @@ def to_mnist(img: Image.Image, *, blank: str = "raise") -> np.ndarray:
 
 # %% ../nbs/06_preprocess.ipynb #c2d5cd38
 def _already_mnist(img: Image.Image) -> np.ndarray | None:
-    "`img` as the model's input if it is laid out as an MNIST digit (28x28 grey, light ink on pure black, 19-20 px long, centred by mass); else None."
+    "`img` as the model's input if it is laid out as an MNIST digit (28x28 grey, full-strength ink on pure black, 19-20 px long, centred by mass); else None."
     if img.size != (_FIELD, _FIELD) or img.mode != "L" or img.format in ("JPEG", "MPO"): return None
     a = np.asarray(img)
     rows, cols = np.flatnonzero(a.any(1)), np.flatnonzero(a.any(0))
-    if len(rows) == 0 or a.max() < 128 or max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 not in (_BOX - 1, _BOX):
+    if len(rows) == 0 or a.max() < 250 or max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 not in (_BOX - 1, _BOX):
         return None
     x = a.astype(np.float32) / 255
     mass, at = x.sum(), np.arange(_FIELD)
