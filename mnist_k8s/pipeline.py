@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,53 +92,98 @@ def _kernel_config(socket_dir: Path):
     if os.name != "posix": return Config()  # Windows: TCP on loopback, as Jupyter does by default
     return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}})
 
+@contextmanager
+def _kernel(socket_dir: Path):
+    "A manager for the notebook's kernel; when the context ends, however the run ended, the kernel is killed."
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+    class Manager(AsyncKernelManager):   # keeps the client nbclient makes: a client closes with its owner's kernel
+        def client(self, **kw): self.clients.append(c := super().client(**kw)); return c
+    km = Manager(kernel_name="python3", config=_kernel_config(socket_dir))
+    km.clients = []
+    try: yield km
+    finally:
+        if km.has_kernel: run_sync(km.shutdown_kernel)(now=True)
+        for c in km.clients: c.stop_channels()
+
 # %% ../nbs/05_pipeline.ipynb #db295712
 class _Signalled(KeyboardInterrupt):
-    "What `stoppable` raises when `signum` arrives."
+    "What `stoppable` raises when `signum` has stopped the run."
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-def _raise(signum, frame): raise _Signalled(signum)
+class stoppable:
+    """While the context lasts, SIGINT and SIGTERM (unless ignored) stop the notebook that `km`'s kernel runs: no
+    cell starts, and the running one is interrupted. `signum` is the first signal; a second one raises at once."""
+    def __init__(self, km): self.km, self.signum, self.started, self._done = km, None, False, threading.Event()
 
-@contextmanager
-def stoppable():
-    "While the context lasts, SIGINT and SIGTERM raise `KeyboardInterrupt` in the main thread (unless ignored)."
-    if threading.current_thread() is not threading.main_thread(): yield; return
-    saved = {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)
-             if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)}
-    try: yield
-    finally:
-        for sig, handler in saved.items(): signal.signal(sig, handler)
+    def __enter__(self):
+        mine = threading.current_thread() is threading.main_thread()   # the only thread that may set handlers
+        self._saved = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                       if mine and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items(): signal.signal(sig, handler)
+        self._done.set()
+        if self.signum: self._thread.join()
+
+    def _on_signal(self, signum, frame):
+        if self.signum: raise _Signalled(signum)
+        self.signum, self._thread = signum, threading.Thread(target=self._interrupt, daemon=True)
+        self._thread.start()
+
+    def _interrupt(self):
+        "Interrupt the kernel every second until the run ends (an idle kernel drops an interrupt)."
+        from jupyter_core.utils import run_sync
+        while not self._done.is_set():
+            if self.started:
+                with suppress(RuntimeError, OSError): run_sync(self.km.interrupt_kernel)()   # (gone already)
+            self._done.wait(1)
+
+    def on_cell_start(self, **_):
+        "nbclient's hook before each cell: once a signal has come, no cell starts."
+        if self.signum: raise _Signalled(self.signum)
+        self.started = True   # the kernel is up, and ignores SIGINT between cells
 
 # %% ../nbs/05_pipeline.ipynb #80932b32
-def _stopped(e: KeyboardInterrupt, report: Path, model_dir: Path) -> TrainingStopped:
+def _stopped(signum: int, report: Path, model_dir: Path) -> TrainingStopped:
     "What `mnist-k8s train` says when a signal stopped the notebook: what is kept, and how to go on."
-    signum, partial = getattr(e, "signum", signal.SIGINT), report if report.exists() else None
+    partial = report if report.exists() else None
     return TrainingStopped(f"stopped by {signal.Signals(signum).name} while the training notebook ran"
                            + (f"\n  partial report: {partial}" if partial else "")
                            + f"\n  `latest` is unchanged; the finished epochs are kept in {model_dir / 'checkpoints'}:"
                            + "\n  the same command resumes from there", partial, signum)
 
+def _failed(e: Exception, report: Path) -> TrainingFailed:
+    "What `mnist-k8s train` says when a cell failed: its error, and the partial report."
+    ename, evalue = _error_of(e)
+    where = f" in cell {e.exec_count}" if getattr(e, "exec_count", None) else ""
+    partial = report if report.exists() else None
+    return TrainingFailed(f"training notebook failed{where}: {ename}: {evalue}"
+                          + (f"\n  partial report: {partial}" if partial else "") + "\n  `latest` is unchanged",
+                          partial, ename, evalue)
+
+# %% ../nbs/05_pipeline.ipynb #cef7a83b
 def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path, *, log_output: bool = True,
             progress_bar: bool = False):
     "Run `s.train_notebook` in `run_dir`, saved to `report`; `TrainingFailed` if it fails, `TrainingStopped` on a signal."
     import papermill as pm
-    try:
-        with stoppable(), tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets:
+    model_dir = Path(parameters["model_dir"])
+    with tempfile.TemporaryDirectory(prefix="mnist-k8s-kernel-") as sockets, _kernel(Path(sockets)) as km, \
+         stoppable(km) as stop:
+        try:
             pm.execute_notebook(str(s.train_notebook), str(report), parameters=parameters, kernel_name="python3",
-                                language="python", cwd=str(run_dir), progress_bar=progress_bar,
-                                config=_kernel_config(Path(sockets)), shutdown_kernel="immediate",
+                                language="python", cwd=str(run_dir), progress_bar=progress_bar, km=km,
+                                on_cell_start=stop.on_cell_start,
                                 stdout_file=sys.stdout if log_output else None,
                                 stderr_file=sys.stderr if log_output else None)
-    except KeyboardInterrupt as e: raise _stopped(e, report, Path(parameters["model_dir"])) from None
-    except Exception as e:
-        ename, evalue = _error_of(e)
-        where = f" in cell {e.exec_count}" if getattr(e, "exec_count", None) else ""
-        partial = report if report.exists() else None
-        raise TrainingFailed(f"training notebook failed{where}: {ename}: {evalue}"
-                             + (f"\n  partial report: {partial}" if partial else "")
-                             + "\n  `latest` is unchanged", partial, ename, evalue) from e
+        except KeyboardInterrupt as e: raise _stopped(stop.signum or signal.SIGINT, report, model_dir) from None
+        except Exception as e:   # a cell that a signal interrupted fails with KeyboardInterrupt
+            if stop.signum: raise _stopped(stop.signum, report, model_dir) from None
+            raise _failed(e, report) from e
+
 
 # %% ../nbs/05_pipeline.ipynb #b27fba3f
 def publish_report(model_dir: Path, version: str, report: Path) -> dict:

@@ -170,8 +170,8 @@ def fit(model: nn.Module, train: Digits, *, epochs: int, batch_size: int, lr: fl
                 rec["test_accuracy"] = evaluate(model, test, bf16=bf16 and epoch < epochs - 1).accuracy
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
-            with tqdm.external_write_mode(file=sys.stdout): log(epoch_line(rec, epochs))
             if checkpoint: _checkpoint(checkpoint, key, epoch + 1, model, opt, sched, history)
+            with tqdm.external_write_mode(file=sys.stdout): log(epoch_line(rec, epochs))   # once it is kept
     return history
 
 # %% ../nbs/04_train.ipynb #d54234a0
