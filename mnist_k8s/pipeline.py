@@ -116,7 +116,8 @@ class _Signalled(KeyboardInterrupt):
 class stoppable:
     """While the context lasts, SIGINT and SIGTERM (unless ignored) stop the notebook that `km`'s kernel runs: no
     cell starts, and the running one is interrupted. `signum` is the first signal; a second one raises at once."""
-    def __init__(self, km): self.km, self.signum, self.started, self._done = km, None, False, threading.Event()
+    def __init__(self, km):
+        self.km, self.signum, self.started, self._done, self._thread = km, None, False, threading.Event(), None
 
     def __enter__(self):
         mine = threading.current_thread() is threading.main_thread()   # the only thread that may set handlers
@@ -127,7 +128,7 @@ class stoppable:
     def __exit__(self, *exc):
         for sig, handler in self._saved.items(): signal.signal(sig, handler)
         self._done.set()
-        if self.signum: self._thread.join()
+        if self._thread: self._thread.join()
 
     def _on_signal(self, signum, frame):
         if self.signum: raise _Signalled(signum)
