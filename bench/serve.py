@@ -37,7 +37,8 @@ on uvicorn's httptools parser (faster than h11, but with no bound on the request
 and uvicorn-worker (extra `dev`).
 
 `--frameworks` adds what users would pick instead, serving this project's model (the same published
-version, loaded by `mnist_k8s.serving.ModelHolder`) and preprocessing (`mnist_k8s.preprocess`): BentoML
+version, loaded by `mnist_k8s.serving.ModelHolder`), preprocessing (`mnist_k8s.preprocess`) and calibration
+(the model's `calibration`, so they answer ten probabilities and the chance of "not a digit", as we do): BentoML
 1.4 (a `@bentoml.service` with as many workers as mnist-k8s has processes) and LitServe 0.2 (a `LitAPI`
 with dynamic batching). They are the optional extra `bench` (`pip install -e ".[bench]"`); if their pins
 conflict with the project's, install them in a separate venv that sees the project
@@ -135,9 +136,9 @@ BENTOML = textwrap.dedent('''
         @bentoml.api
         def predict(self, file: Path) -> dict:
             x = torch.from_numpy(preprocess.preprocess(file.read_bytes())).view(1, 1, 28, 28)
-            with torch.inference_mode():
-                p = torch.softmax(self.holder.current.net(x), 1)[0]
-            return {{"digit": int(p.argmax()), "probabilities": p.tolist()}}
+            m = self.holder.current
+            with torch.inference_mode(): p, not_digit, _, _ = m.calibration(m.net(x))   # as mnist-k8s answers
+            return {{"digit": int(p[0].argmax()), "probabilities": p[0].tolist(), "not_digit": float(not_digit[0])}}
 ''')
 
 LITSERVE = textwrap.dedent('''
@@ -158,11 +159,15 @@ LITSERVE = textwrap.dedent('''
         def batch(self, inputs): return torch.from_numpy(np.stack(inputs)).view(-1, 1, 28, 28)
 
         def predict(self, x):
-            with torch.inference_mode(): return torch.softmax(self.holder.current.net(x), 1)
+            m = self.holder.current
+            with torch.inference_mode(): p, not_digit, _, _ = m.calibration(m.net(x))   # as mnist-k8s answers
+            return list(zip(p, not_digit))
 
-        def unbatch(self, output): return list(output)
+        def unbatch(self, output): return output
 
-        def encode_response(self, p): return {{"digit": int(p.argmax()), "probabilities": p.tolist()}}
+        def encode_response(self, out):
+            p, not_digit = out
+            return {{"digit": int(p.argmax()), "probabilities": p.tolist(), "not_digit": float(not_digit)}}
 
     if __name__ == "__main__":
         ls.LitServer(Digits(max_batch_size=16, batch_timeout=0.005), accelerator="cpu",
