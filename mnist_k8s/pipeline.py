@@ -135,18 +135,21 @@ class stoppable:
         self.signum, self._thread = signum, threading.Thread(target=self._interrupt, daemon=True)
         self._thread.start()
 
-    def _interrupt(self):
-        "Interrupt the kernel every second until the run ends (an idle kernel drops an interrupt)."
-        from jupyter_core.utils import run_sync
-        while not self._done.is_set():
-            if self.started:
-                with suppress(RuntimeError, OSError): run_sync(self.km.interrupt_kernel)()   # (gone already)
-            self._done.wait(1)
+# %% ../nbs/05_pipeline.ipynb #ba1789b6
+def _interrupt(self: stoppable):
+    "Interrupt the kernel every second until the run ends (an idle kernel drops an interrupt)."
+    from jupyter_core.utils import run_sync
+    while not self._done.is_set():
+        if self.started:
+            with suppress(RuntimeError, OSError): run_sync(self.km.interrupt_kernel)()   # (gone already)
+        self._done.wait(1)
 
-    def on_cell_start(self, **_):
-        "nbclient's hook before each cell: once a signal has come, no cell starts."
-        if self.signum: raise _Signalled(self.signum)
-        self.started = True   # the kernel is up, and ignores SIGINT between cells
+def _on_cell_start(self: stoppable, **_):
+    "nbclient's hook before each cell: once a signal has come, no cell starts."
+    if self.signum: raise _Signalled(self.signum)
+    self.started = True   # the kernel is up, and ignores SIGINT between cells
+
+stoppable._interrupt, stoppable.on_cell_start = _interrupt, _on_cell_start
 
 # %% ../nbs/05_pipeline.ipynb #80932b32
 def _stopped(signum: int, report: Path, model_dir: Path) -> TrainingStopped:
@@ -180,7 +183,7 @@ def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path
                                 on_cell_start=stop.on_cell_start,
                                 stdout_file=sys.stdout if log_output else None,
                                 stderr_file=sys.stderr if log_output else None)
-        except KeyboardInterrupt as e: raise _stopped(stop.signum or signal.SIGINT, report, model_dir) from None
+        except KeyboardInterrupt: raise _stopped(stop.signum or signal.SIGINT, report, model_dir) from None
         except Exception as e:   # a cell that a signal interrupted fails with KeyboardInterrupt
             if stop.signum: raise _stopped(stop.signum, report, model_dir) from None
             raise _failed(e, report) from e
