@@ -5,7 +5,8 @@
     python bench/serve.py --duration 3 --conns 1,16
     python bench/serve.py --ours-workers 3     # also try mnist-k8s with three server processes
     python bench/serve.py --alternatives       # also the process models mnist-k8s did not pick
-    python bench/serve.py --frameworks         # also BentoML and LitServe (pip install -e ".[bench]")
+    python bench/serve.py --frameworks --alone # also BentoML and LitServe (pip install -e ".[bench]"), each
+                                               # service running only while it is measured
     python bench/serve.py --ablation           # also mnist-k8s analysing the upload as it does a photo: what that costs
 
 The reference service (written to a temporary file here, it is not part of the library) is what most
@@ -43,7 +44,9 @@ version, loaded by `mnist_k8s.serving.ModelHolder`), preprocessing (`mnist_k8s.p
 with dynamic batching). They are the optional extra `bench` (`pip install -e ".[bench]"`); if their pins
 conflict with the project's, install them in a separate venv that sees the project
 (`python -m venv --system-site-packages /tmp/benchvenv`) and pass `--frameworks-python
-/tmp/benchvenv/bin/python`. A framework that is not installed is skipped with a message.
+/tmp/benchvenv/bin/python`. A framework that is not installed is skipped with a message. LitServe's workers
+keep 0.3 of a core busy while idle, which every other service would pay for while it is measured: pass
+`--alone` with `--frameworks`, and each service runs only while it is measured.
 
 Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
 as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
@@ -357,17 +360,27 @@ def median(xs):
 
 
 def measure(services: list[Service], conns: list[int], duration: float, rounds: int, body: bytes,
-            body_file: Path, lua: Path) -> dict:
+            body_file: Path, lua: Path, alone: bool = False) -> dict:
     """Start the services one after the other (cold start measured alone), then load them in turns, `rounds`
-    times per connection count, so that a change in background load hits all of them alike; medians."""
+    times per connection count, so that a change in background load hits all of them alike; medians.
+    With `alone`, a service runs only while it is measured: started again (cold start: the median of its
+    starts), checked and warmed up before each load, stopped after it. A service that keeps the CPU busy while
+    idle (LitServe's workers) then takes nothing from the one under load."""
     runs = {svc.name: {c: [] for c in conns} for svc in services}
+    starts, mem = {svc.name: [] for svc in services}, {}
+
+    def up(svc):
+        svc.start(); check(svc, body); starts[svc.name].append(svc.cold_start)
+        run_load(f"http://127.0.0.1:{svc.port}/predict", 4, 1.0, body_file, lua)    # warm-up
+
     try:
         for svc in services:
-            svc.start(); check(svc, body)
-            run_load(f"http://127.0.0.1:{svc.port}/predict", 4, 1.0, body_file, lua)    # warm-up
+            up(svc)
+            if alone: svc.stop()
         for r in range(rounds):
             for c in conns:
                 for svc in services:
+                    if alone: up(svc)
                     cpu0 = cpu_seconds(svc.proc.pid)
                     res = run_load(f"http://127.0.0.1:{svc.port}/predict", c, duration, body_file, lua)
                     res["cpu_ms"] = (cpu_seconds(svc.proc.pid) - cpu0) / max(1, res["requests"]) * 1e3
@@ -375,10 +388,11 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
                     print(f"  round {r + 1} @{c:>3} {svc.name:50s} {res['rps']:7.0f} req/s  p50 {res['p50']:7.2f} ms"
                           f"  p99 {res['p99']:8.2f} ms  CPU {res['cpu_ms']:.2f} ms/req  errors "
                           f"{res['errors'] + res['non2xx']}", flush=True)
+                    if alone: mem[svc.name] = rss_mb(svc.proc.pid); svc.stop()
         out = {}
         for svc in services:
-            o = out[svc.name] = {"cold_start": svc.cold_start}
-            o["rss"], o["peak_rss"], o["pss"] = rss_mb(svc.proc.pid)
+            o = out[svc.name] = {"cold_start": median(starts[svc.name])}
+            o["rss"], o["peak_rss"], o["pss"] = mem.get(svc.name) or rss_mb(svc.proc.pid)
             for c in conns:
                 rs = runs[svc.name][c]
                 o[c] = {"rps": median([x["rps"] for x in rs]), "p50": median([x["p50"] for x in rs]),
@@ -554,6 +568,8 @@ def main(argv=None):
                     help="also what mnist_k8s.server did not pick: one process with the collector not frozen, "
                          "one uvicorn process, uvicorn-worker on h11, uvicorn --workers, gunicorn on httptools")
     ap.add_argument("--frameworks", action="store_true", help="also BentoML and LitServe (extra `bench`)")
+    ap.add_argument("--alone", action="store_true",
+                    help="run each service only while it is measured (LitServe's idle workers keep the CPU busy)")
     ap.add_argument("--ablation", action="store_true",
                     help="also mnist-k8s analysing every upload as it does a photo: what that analysis costs")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
@@ -601,7 +617,7 @@ def main(argv=None):
         if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
-        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua)
+        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua, alone=a.alone)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf): report(results, conns)
         print(buf.getvalue(), end="")
