@@ -396,7 +396,12 @@ def raw_http(port: int, request: bytes | list[bytes], timeout: float = 30.0, pau
     reset or a close before any byte of a response gives `Reply(None)`."""
     deadline = time.monotonic() + timeout
     data = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    try: s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except ConnectionResetError:
+        # The handshake completed into the listener's queue, and the listener closed before we were accepted (a
+        # server stopping): the kernel resets the queued connection, and connect's wait reports it as a reset.
+        return Reply(None)
+    with s:
         try:
             for piece in ([request] if isinstance(request, bytes) else request):
                 s.sendall(piece)
