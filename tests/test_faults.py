@@ -209,7 +209,7 @@ def test_unreadable_volume(trained, tmp_path, how):
 def test_sigterm_under_load_drains_and_refuses_cleanly(trained, tmp_path):
     """32 clients post digits in a loop, each request on a new connection; SIGTERM arrives mid-stream. Every
     request either gets its complete 200 answer (those in flight finish), or is refused before any byte of an
-    answer (connection refused or closed unanswered): never a partial answer, an error status or a hang.
+    answer (connection refused, reset or closed unanswered): never a partial answer, an error status or a hang.
     The process then exits 0 within its grace period (10 s here)."""
     grace = 10
     s = serve_copy(trained, tmp_path / "models", env={"MNIST_K8S_GRACEFUL_TIMEOUT": str(grace)})
