@@ -11,6 +11,7 @@ import logging.config
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -96,16 +97,30 @@ def metrics_dir():
         if os.getpid() == owner:              # not in a worker leaving through the same frames
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None); shutil.rmtree(d, ignore_errors=True)
 
+# %% ../nbs/12_server.ipynb #995ff2f5
+class _Stopped(BaseException):
+    "A signal came while the app was being built (not an `Exception`: nothing on the way catches it)."
+
+@contextmanager
+def _stoppable_start():
+    "SIGTERM and SIGINT end what runs inside, until something else sets their handlers; the old ones restored."
+    def stop(signum, frame): raise _Stopped(signum)
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try: yield
+    except _Stopped as e: log.info("stopped by %s while starting", signal.Signals(e.args[0]).name)
+    finally:
+        for sig, handler in before.items(): signal.signal(sig, handler)
+
 # %% ../nbs/12_server.ipynb #ca1d0a52
 def serve(settings: Settings | None = None):
-    "Serve the model store of `settings` until SIGTERM or SIGINT (blocking); returns after a clean drain."
+    "Serve the model store of `settings` until SIGTERM or SIGINT (blocking); returns once drained, or stopped while starting."
     s = settings or Settings()
     workers = default_workers(s.workers)
     configure_logging(s.log_level)
     def load_app():                           # in the arbiter, with the metrics folder set if there is one
         from mnist_k8s.api import create_app
         return create_app(s)
-    with metrics_dir() if workers > 1 else nullcontext():
+    with _stoppable_start(), metrics_dir() if workers > 1 else nullcontext():
         log.info("serving on http://%s:%d with %d worker process%s", s.host, s.port, workers, "es" * (workers > 1))
         try: Gunicorn(load_app, gunicorn_options(s, workers)).run()
         except SystemExit as e:                   # the arbiter's exit: 0 after a clean stop

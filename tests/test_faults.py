@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from mnist_k8s import store
-from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, http_request, kernel_tmpdir, kill_tree,
-                     mnist_test_digits, need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
+from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, free_port, http_request, kernel_tmpdir,
+                     kill_tree, mnist_test_digits, need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 TICK = 10 * RELOAD + 5          # long enough for the server to notice a change in the store
@@ -258,6 +258,39 @@ def test_sigterm_under_load_drains_and_refuses_cleanly(trained, tmp_path):
     assert in_flight, "no request was in flight when SIGTERM arrived"
     assert outcomes.count("refused") > 0                # after it, new requests were turned away
     assert s.proc.returncode == 0 and took < grace + 5, (s.proc.returncode, took)
+
+
+# ------------------------------------------------------------------ a signal while the server starts
+@pytest.mark.parametrize("how", ["ctrl_c", "kill", "pid1"])
+def test_server_stopped_while_starting_exits_at_once(trained, how):
+    """A signal while `mnist-k8s serve` builds its app (importing torch, loading the model), before gunicorn's
+    arbiter has handlers of its own: Ctrl-C, `kill`, and Kubernetes deleting a pod that is still starting
+    (SIGTERM to the container's PID 1, which Linux drops unless it is handled). Within seconds the server
+    exits 0, says why, prints no traceback, and never starts listening."""
+    env = cli_env(model_dir=trained, host="127.0.0.1", port=free_port(), workers=1, torch_threads=1)
+    cmd = [sys.executable, "-c", CLI, "serve"]
+    if how == "pid1": cmd = [need("unshare", "util-linux"), "--pid", "--fork", "--kill-child", *cmd]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        # `serve` logs where it will listen, then builds the app: a second or more, on any machine
+        wait_for(lambda: any("serving on http" in l for l in lines) or proc.poll() is not None, 60, every=0.005)
+        if how == "pid1" and proc.returncode is not None and "Operation not permitted" in "".join(lines):
+            pytest.skip("this machine may not create PID namespaces (unshare needs CAP_SYS_ADMIN)")
+        if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
+        else: os.kill(descendants(proc.pid)[0] if how == "pid1" else proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc); pytest.fail(f"still running 15 s after the signal ({how}):\n{''.join(lines)}")
+    finally:
+        if proc.poll() is None: kill_tree(proc)
+    out, name = "".join(lines), "SIGINT" if how == "ctrl_c" else "SIGTERM"
+    assert proc.returncode == 0, out
+    assert f"stopped by {name} while starting" in out, out
+    assert "Traceback" not in out and "listening on" not in out, out
 
 
 # ------------------------------------------------------------------ training: killed mid-epoch
