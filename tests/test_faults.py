@@ -274,7 +274,8 @@ def test_server_stopped_while_starting_exits_at_once(trained, how):
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         # `serve` logs where it will listen, then builds the app: a second or more, on any machine
         wait_for(lambda: any("serving on http" in l for l in lines) or proc.poll() is not None, 60, every=0.005)
@@ -287,6 +288,7 @@ def test_server_stopped_while_starting_exits_at_once(trained, how):
         kill_tree(proc); pytest.fail(f"still running 15 s after the signal ({how}):\n{''.join(lines)}")
     finally:
         if proc.poll() is None: kill_tree(proc)
+        reader.join(10); proc.stdout.close()
     out, name = "".join(lines), "SIGINT" if how == "ctrl_c" else "SIGTERM"
     assert proc.returncode == 0, out
     assert f"stopped by {name} while starting" in out, out
