@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ import torch
 
 from mnist_k8s import store
 from helpers import (_alive, CLI, cli, cli_env, copy_version, descendants, free_port, http_request, kernel_tmpdir,
-                     kill_tree, mnist_test_digits, need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for, wait_for)
+                     kill_tree, mnist_test_digits, need, raw_http, RELOAD, ROOT, SAMPLE, serve_copy, Server, server_for,
+                     wait_for)
 
 pytestmark = pytest.mark.timeout(400)
 TICK = 10 * RELOAD + 5          # long enough for the server to notice a change in the store
@@ -260,6 +262,31 @@ def test_sigterm_under_load_drains_and_refuses_cleanly(trained, tmp_path):
     assert s.proc.returncode == 0 and took < grace + 5, (s.proc.returncode, took)
 
 
+# ------------------------------------------------------------------ signals: a terminal, `kill`, a pod
+@contextmanager
+def _launched(how: str, command: str, env: dict, ready: str, timeout: float):
+    """`mnist-k8s <command>` as a terminal starts it (SIGINT at its default: a shell's background job would ignore
+    it), in its own session, its output read into `proc.lines`; for "pid1", through `unshare` as the first process
+    of a new PID namespace, as in a pod. Yields once a line holds `ready`; afterwards nothing of it is left."""
+    cmd = [sys.executable, "-c", CLI, command]
+    if how == "pid1": cmd = [need("unshare", "util-linux"), "--pid", "--fork", "--kill-child", *cmd]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.lines = lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(ready in l for l in lines) or proc.poll() is not None, timeout, every=0.005)
+        if how == "pid1" and proc.returncode is not None and "Operation not permitted" in "".join(lines):
+            pytest.skip("this machine may not create PID namespaces (unshare needs CAP_SYS_ADMIN)")
+        assert proc.poll() is None, "".join(lines)
+        yield proc
+    finally:
+        if proc.poll() is None: kill_tree(proc)
+        reader.join(10); proc.stdout.close()
+
+
 # ------------------------------------------------------------------ a signal while the server starts
 @pytest.mark.parametrize("how", ["ctrl_c", "kill", "pid1"])
 def test_server_stopped_while_starting_exits_at_once(trained, how):
@@ -268,28 +295,14 @@ def test_server_stopped_while_starting_exits_at_once(trained, how):
     (SIGTERM to the container's PID 1, which Linux drops unless it is handled). Within seconds the server
     exits 0, says why, prints no traceback, and never starts listening."""
     env = cli_env(model_dir=trained, host="127.0.0.1", port=free_port(), workers=1, torch_threads=1)
-    cmd = [sys.executable, "-c", CLI, "serve"]
-    if how == "pid1": cmd = [need("unshare", "util-linux"), "--pid", "--fork", "--kill-child", *cmd]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        # `serve` logs where it will listen, then builds the app: a second or more, on any machine
-        wait_for(lambda: any("serving on http" in l for l in lines) or proc.poll() is not None, 60, every=0.005)
-        if how == "pid1" and proc.returncode is not None and "Operation not permitted" in "".join(lines):
-            pytest.skip("this machine may not create PID namespaces (unshare needs CAP_SYS_ADMIN)")
+    # `serve` logs where it will listen, then builds the app: a second or more, on any machine
+    with _launched(how, "serve", env, "serving on http", 60) as proc:
         if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
         else: os.kill(descendants(proc.pid)[0] if how == "pid1" else proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc); pytest.fail(f"still running 15 s after the signal ({how}):\n{''.join(lines)}")
-    finally:
-        if proc.poll() is None: kill_tree(proc)
-        reader.join(10); proc.stdout.close()
-    out, name = "".join(lines), "SIGINT" if how == "ctrl_c" else "SIGTERM"
+        try: proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 15 s after the signal ({how}):\n{''.join(proc.lines)}")
+    out, name = "".join(proc.lines), "SIGINT" if how == "ctrl_c" else "SIGTERM"
     assert proc.returncode == 0, out
     assert f"stopped by {name} while starting" in out, out
     assert "Traceback" not in out and "listening on" not in out, out
@@ -338,25 +351,11 @@ def test_training_killed_mid_epoch_resumes_to_the_same_model(tmp_path):
 
 
 # ------------------------------------------------------------------ training: stopped by a signal
-def _train_until_first_epoch(how: str, model_dir: Path, tmp: Path) -> subprocess.Popen:
-    """`mnist-k8s train` of 50 small epochs, started as `how` says, once its first epoch is done. As a terminal
-    starts a command (SIGINT at its default: a shell's background job would ignore it), in its own session, with
-    its own TMPDIR; for "pid1", through `unshare` as the first process of a new PID namespace, as in a pod."""
+def _train_until_first_epoch(how: str, model_dir: Path, tmp: Path):
+    "`mnist-k8s train` of 50 small epochs, launched as `how` says with its own TMPDIR, once its first epoch is done."
     env = {**cli_env(epochs=50, batch_size=32, limit=1200, test_limit=300, torch_threads=1, download="false",
                      data_root=SAMPLE, model_dir=model_dir), "TMPDIR": str(tmp)}
-    cmd = [sys.executable, "-c", CLI, "train"]
-    if how == "pid1": cmd = [need("unshare", "util-linux"), "--pid", "--fork", "--kill-child", *cmd]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    proc.lines = lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try: wait_for(lambda: any("epoch 1/50" in l for l in lines) or proc.poll() is not None, timeout=300)
-    except TimeoutError: kill_tree(proc); raise
-    if how == "pid1" and proc.returncode is not None and "Operation not permitted" in "".join(lines):
-        pytest.skip("this machine may not create PID namespaces (unshare needs CAP_SYS_ADMIN)")
-    assert proc.poll() is None, "".join(lines)
-    return proc
+    return _launched(how, "train", env, "epoch 1/50", 300)
 
 
 @pytest.mark.parametrize("how", ["ctrl_c", "kill", "pid1"])
@@ -366,8 +365,7 @@ def test_training_stopped_by_a_signal_says_so_and_cleans_up(tmp_path, how):
     seconds `mnist-k8s train` exits 130 or 143 without a traceback, saying what it kept and how to resume. The
     notebook's kernel is gone, its socket folder removed, `latest` unchanged, the epoch-1 checkpoint kept."""
     models = tmp_path / "models"
-    with kernel_tmpdir() as tmp:
-        proc = _train_until_first_epoch(how, models, tmp)
+    with kernel_tmpdir() as tmp, _train_until_first_epoch(how, models, tmp) as proc:
         target = descendants(proc.pid)[0] if how == "pid1" else proc.pid   # unshare's child: PID 1 in there
         family = [target, *descendants(target)]                            # the CLI and the notebook's kernel
         assert len(family) >= 2, family
@@ -375,7 +373,7 @@ def test_training_stopped_by_a_signal_says_so_and_cleans_up(tmp_path, how):
         if how == "ctrl_c": os.killpg(proc.pid, signal.SIGINT)
         else: os.kill(target, signal.SIGTERM)
         try: proc.wait(timeout=20)
-        except subprocess.TimeoutExpired: kill_tree(proc); pytest.fail(f"still training 20 s after the signal ({how})")
+        except subprocess.TimeoutExpired: pytest.fail(f"still training 20 s after the signal ({how})")
         took, out = time.monotonic() - start, "".join(proc.lines)
         name, code = ("SIGINT", 130) if how == "ctrl_c" else ("SIGTERM", 143)
         assert proc.returncode == code, (proc.returncode, out[-3000:])
