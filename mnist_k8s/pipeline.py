@@ -188,7 +188,6 @@ def execute(s: Settings, parameters: dict[str, Any], run_dir: Path, report: Path
             if stop.signum: raise _stopped(stop.signum, report, model_dir) from None
             raise _failed(e, report) from e
 
-
 # %% ../nbs/05_pipeline.ipynb #b27fba3f
 def publish_report(model_dir: Path, version: str, report: Path) -> dict:
     "Store `report` (notebook and HTML) beside the staged `version`, then make it `latest`; its metadata."
