@@ -50,11 +50,12 @@ keep 0.3 of a core busy while idle, which every other service would pay for whil
 
 Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
 as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
-more CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready
-(each service starts alone); the services then take turns under load, `--rounds` times per connection count,
-so that changes in background load hit them alike; the table shows medians. "CPU ms/req" is the server's CPU
-time (all threads and workers) per answered request, which background load on a shared machine disturbs far
-less than requests/s. Memory is read from /proc after the load: RSS adds up each process's resident pages,
+more CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready:
+the median of `--starts` launches per service, the services taking turns and each starting with nothing else
+running (a single launch on a shared machine varies by a third or more). The services then take turns under
+load, `--rounds` times per connection count, so that changes in background load hit them alike; the table
+shows medians. "CPU ms/req" is the server's CPU time (all threads and workers) per answered request, which
+background load on a shared machine disturbs far less than requests/s. Memory is read from /proc after the load: RSS adds up each process's resident pages,
 so pages that forked workers share with their parent (torch's code and data) count once per process; PSS
 divides each shared page among the processes sharing it, so it is what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
 on a thread pool.
@@ -360,23 +361,26 @@ def median(xs):
 
 
 def measure(services: list[Service], conns: list[int], duration: float, rounds: int, body: bytes,
-            body_file: Path, lua: Path, alone: bool = False) -> dict:
-    """Start the services one after the other (cold start measured alone), then load them in turns, `rounds`
-    times per connection count, so that a change in background load hits all of them alike; medians.
-    With `alone`, a service runs only while it is measured: started again (cold start: the median of its
-    starts), checked and warmed up before each load, stopped after it. A service that keeps the CPU busy while
-    idle (LitServe's workers) then takes nothing from the one under load."""
+            body_file: Path, lua: Path, alone: bool = False, starts: int = 3) -> dict:
+    """First the cold starts: each service started and stopped `starts` times, the services taking turns and
+    nothing else running (medians). Then the services are started one after the other and loaded in turns,
+    `rounds` times per connection count, so that a change in background load hits all of them alike; medians.
+    With `alone`, a service runs only while it is measured: started, checked and warmed up before each load,
+    stopped after it. A service that keeps the CPU busy while idle (LitServe's workers) then takes nothing
+    from the one under load."""
     runs = {svc.name: {c: [] for c in conns} for svc in services}
-    starts, mem = {svc.name: [] for svc in services}, {}
+    cold, mem = {svc.name: [] for svc in services}, {}
 
     def up(svc):
-        svc.start(); check(svc, body); starts[svc.name].append(svc.cold_start)
+        svc.start(); check(svc, body)
         run_load(f"http://127.0.0.1:{svc.port}/predict", 4, 1.0, body_file, lua)    # warm-up
 
     try:
-        for svc in services:
-            up(svc)
-            if alone: svc.stop()
+        for _ in range(starts):
+            for svc in services:
+                svc.start(); cold[svc.name].append(svc.cold_start); svc.stop()
+        if not alone:
+            for svc in services: up(svc)
         for r in range(rounds):
             for c in conns:
                 for svc in services:
@@ -391,7 +395,7 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
                     if alone: mem[svc.name] = rss_mb(svc.proc.pid); svc.stop()
         out = {}
         for svc in services:
-            o = out[svc.name] = {"cold_start": median(starts[svc.name])}
+            o = out[svc.name] = {"cold_start": median(cold[svc.name])}
             o["rss"], o["peak_rss"], o["pss"] = mem.get(svc.name) or rss_mb(svc.proc.pid)
             for c in conns:
                 rs = runs[svc.name][c]
@@ -557,6 +561,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per load level and round (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, services taking turns (default 3; medians)")
+    ap.add_argument("--starts", type=int, default=3,
+                    help="launches per service for its cold start, each alone, services taking turns (default 3; median)")
     ap.add_argument("--conns", default="1,16,64", help="concurrent connections, comma-separated")
     ap.add_argument("--ours-workers", type=int, default=None, help="also run mnist-k8s with this many processes")
     ap.add_argument("--skip-ours-1worker", action="store_true", help="do not run mnist-k8s limited to one process")
@@ -617,7 +623,7 @@ def main(argv=None):
         if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
-        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua, alone=a.alone)
+        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua, alone=a.alone, starts=a.starts)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf): report(results, conns)
         print(buf.getvalue(), end="")
@@ -625,7 +631,7 @@ def main(argv=None):
             a.markdown.parent.mkdir(parents=True, exist_ok=True)
             a.markdown.write_text(f"Output of `python bench/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
                                   f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-                                  f"{a.duration:g} s per level, medians of {a.rounds} rounds):\n{buf.getvalue()}")
+                                  f"{a.duration:g} s per level, medians of {a.rounds} rounds and {a.starts} cold starts):\n{buf.getvalue()}")
         if not a.skip_strategies:
             from mnist_k8s.serving import inference_threads
             from mnist_k8s.serving import _native_bf16
