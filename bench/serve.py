@@ -49,16 +49,17 @@ keep 0.3 of a core busy while idle, which every other service would pay for whil
 `--alone` with `--frameworks`, and each service runs only while it is measured.
 
 Load comes from `wrk` in a separate process (Debian: `apt-get install -y wrk`) posting a real MNIST test digit
-as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs
-more CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready:
-the median of `--starts` launches per service, the services taking turns and each starting with nothing else
+as a multipart PNG; without wrk a small asyncio HTTP/1.1 client in a subprocess is used instead (it costs more
+CPU, which matters on 2 cores). Cold start is the time from launching the process until it answers ready: the
+median of `--starts` launches per service, the services taking turns and each starting with nothing else
 running (a single launch on a shared machine varies by a third or more). The services then take turns under
 load, `--rounds` times per connection count, so that changes in background load hit them alike; the table
 shows medians. "CPU ms/req" is the server's CPU time (all threads and workers) per answered request, which
-background load on a shared machine disturbs far less than requests/s. Memory is read from /proc after the load: RSS adds up each process's resident pages,
-so pages that forked workers share with their parent (torch's code and data) count once per process; PSS
-divides each shared page among the processes sharing it, so it is what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher with one forward pass per request
-on a thread pool.
+background load on a shared machine disturbs far less than requests/s. Memory is read from /proc after the
+load: RSS adds up each process's resident pages, so pages that forked workers share with their parent (torch's
+code and data) count once per process; PSS divides each shared page among the processes sharing it, so it is
+what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher
+with one forward pass per request on a thread pool.
 
 The upload is an MNIST digit, already laid out as MNIST lays out its digits, so `mnist_k8s.preprocess` takes
 it as it is (`_already_mnist`). `--ablation` shows what the analysis that photos, scans and drawings need
@@ -562,7 +563,8 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per load level and round (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, services taking turns (default 3; medians)")
     ap.add_argument("--starts", type=int, default=3,
-                    help="launches per service for its cold start, each alone, services taking turns (default 3; median)")
+                    help="launches per service for its cold start, each alone, services taking turns "
+                         "(default 3; median)")
     ap.add_argument("--conns", default="1,16,64", help="concurrent connections, comma-separated")
     ap.add_argument("--ours-workers", type=int, default=None, help="also run mnist-k8s with this many processes")
     ap.add_argument("--skip-ours-1worker", action="store_true", help="do not run mnist-k8s limited to one process")
@@ -623,7 +625,8 @@ def main(argv=None):
         if a.frameworks: services += frameworks(tmp, default, a.frameworks_python)
         print(f"wrk: {shutil.which('wrk') or 'not found, using the Python load generator'}; "
               f"{os.cpu_count()} CPUs; digit label {label}; {a.duration:g} s per level", flush=True)
-        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua, alone=a.alone, starts=a.starts)
+        results = measure(services, conns, a.duration, a.rounds, body, body_file, lua, alone=a.alone,
+                          starts=a.starts)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf): report(results, conns)
         print(buf.getvalue(), end="")
@@ -631,7 +634,8 @@ def main(argv=None):
             a.markdown.parent.mkdir(parents=True, exist_ok=True)
             a.markdown.write_text(f"Output of `python bench/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
                                   f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-                                  f"{a.duration:g} s per level, medians of {a.rounds} rounds and {a.starts} cold starts):\n{buf.getvalue()}")
+                                  f"{a.duration:g} s per level, medians of {a.rounds} rounds and {a.starts} cold "
+                                  f"starts):\n{buf.getvalue()}")
         if not a.skip_strategies:
             from mnist_k8s.serving import inference_threads
             from mnist_k8s.serving import _native_bf16
