@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def wait_for(cond, timeout: float = 30.0, every: float = 0.05):
         try:
             if (r := cond()):
                 return r
-        except (httpx.HTTPError, OSError):
+        except (httpx2.HTTPError, OSError):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
@@ -172,8 +172,8 @@ class Server:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         try:
-            wait_for(lambda: self.proc.poll() is None and httpx.get(self.url + "/healthz", timeout=2).status_code == 200
-                     or self._died(), timeout)
+            wait_for(lambda: self.proc.poll() is None
+                     and httpx2.get(self.url + "/healthz", timeout=2).status_code == 200 or self._died(), timeout)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"server did not start:\n{self.output()}") from None
@@ -187,11 +187,11 @@ class Server:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-5000:]
 
-    def get(self, path: str, **kw) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
+    def get(self, path: str, **kw) -> httpx2.Response:
+        return httpx2.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
 
-    def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+    def post(self, path: str, **kw) -> httpx2.Response:
+        return httpx2.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
 
     def version(self) -> str | None:
         r = self.get("/readyz")

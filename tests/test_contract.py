@@ -339,7 +339,7 @@ def scratch():
 @pytest.mark.server
 @pytest.mark.slow
 def test_job_and_deployment_run_as_their_containers_would(scratch, sample_root):
-    import httpx
+    import httpx2
     tmp_path = scratch
     objs = rendered("local")
     volumes: dict[str, Path] = {}
@@ -362,12 +362,12 @@ def test_job_and_deployment_run_as_their_containers_would(scratch, sample_root):
     assert Path(train_env["MNIST_K8S_TRAIN_NOTEBOOK"]) == ROOT / "nbs" / "train.ipynb"
 
     url = lambda path: f"http://127.0.0.1:{port}{path}"  # noqa: E731
-    status = lambda path: (lambda r: r.status_code)(httpx.get(url(path), timeout=5))  # noqa: E731
+    status = lambda path: (lambda r: r.status_code)(httpx2.get(url(path), timeout=5))  # noqa: E731
 
     def answers(path, code):
         def check():
             try: return True if status(path) == code else None
-            except httpx.TransportError: return None
+            except httpx2.TransportError: return None
         return check
 
     server_log = tmp_path / "serve.log"
@@ -413,11 +413,11 @@ def test_job_and_deployment_run_as_their_containers_would(scratch, sample_root):
 
         # 3. the serving pod picks the model up by itself and turns ready
         wait_for(answers(ready_path, 200), 30, "the server did not load the published model", server_log, server)
-        assert httpx.get(url("/model"), timeout=5).json()["version"] == version
-        r = httpx.get(url("/report"), timeout=10)
+        assert httpx2.get(url("/model"), timeout=5).json()["version"] == version
+        r = httpx2.get(url("/report"), timeout=10)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert all(figures_in_html(r.text).get(t) for t in FIGURES), "the served report lost its figures"
-        r = httpx.post(url("/predict"), files={"file": ("digit.png", digit_png(sample_root), "image/png")},
+        r = httpx2.post(url("/predict"), files={"file": ("digit.png", digit_png(sample_root), "image/png")},
                        timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from helpers import bad_uploads, copy_version, latest, mnist_test_digits, publish_corrupt, RELOAD, Server, wait_for
@@ -187,12 +187,12 @@ def test_new_version_during_a_request_stream_fails_nothing(trained, tmp_path):
         wait_for(lambda: s.version() == first)
         stop, results = threading.Event(), []
         def client(i):
-            with httpx.Client(base_url=s.url, timeout=30) as c:
+            with httpx2.Client(base_url=s.url, timeout=30) as c:
                 while not stop.is_set():
                     try:
                         r = c.post("/predict", files=png_file(digits[i % len(digits)]))
                         results.append((r.status_code, r.json().get("version")))
-                    except httpx.HTTPError as e:
+                    except httpx2.HTTPError as e:
                         results.append((repr(e), None))
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(client, i) for i in range(8)]
