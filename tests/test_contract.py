@@ -418,7 +418,7 @@ def test_job_and_deployment_run_as_their_containers_would(scratch, sample_root):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert all(figures_in_html(r.text).get(t) for t in FIGURES), "the served report lost its figures"
         r = httpx2.post(url("/predict"), files={"file": ("digit.png", digit_png(sample_root), "image/png")},
-                       timeout=30)
+                        timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["digit"] in range(10) and body["version"] == version
