@@ -58,8 +58,12 @@ shows medians. "CPU ms/req" is the server's CPU time (all threads and workers) p
 background load on a shared machine disturbs far less than requests/s. Memory is read from /proc after the
 load: RSS adds up each process's resident pages, so pages that forked workers share with their parent (torch's
 code and data) count once per process; PSS divides each shared page among the processes sharing it, so it is
-what the processes really cost together. A last table compares, in-process and without HTTP, the micro-batcher
-with one forward pass per request on a thread pool.
+what the processes really cost together. Each round's line also says how the connections were shared out
+among the server's processes halfway through the load (e.g. 11/5 over two workers). mnist-k8s's workers each
+listen on their own socket (`reuse_port`) and the kernel hashes each new connection to one of them, so the
+split changes from round to round, and a worker with more connections answers each of them later. A last
+table compares, in-process and without HTTP, the micro-batcher with one forward pass per request on a thread
+pool.
 
 The upload is an MNIST digit, already laid out as MNIST lays out its digits, so `mnist_k8s.preprocess` takes
 it as it is (`_already_mnist`). `--ablation` shows what the analysis that photos, scans and drawings need
@@ -82,6 +86,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -268,6 +273,24 @@ def cpu_seconds(pid: int) -> float:
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
+def connections(pid: int, port: int) -> list[int]:
+    "Established TCP connections to `port` held by each process of `pid`'s family that holds some, most first."
+    established = set()                          # socket inodes, from the kernel's tables (no `ss` needed)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try: rows = Path(table).read_text().splitlines()[1:]
+        except OSError: continue
+        for f in map(str.split, rows):
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port: established.add(f"socket:[{f[9]}]")
+    counts = []
+    for p in family(pid):
+        try: fds = os.listdir(f"/proc/{p}/fd")
+        except OSError: continue
+        n = 0
+        for fd in fds:
+            with contextlib.suppress(OSError): n += os.readlink(f"/proc/{p}/fd/{fd}") in established
+        if n: counts.append(n)
+    return sorted(counts, reverse=True)
+
 def rss_mb(pid: int) -> tuple[float, float, float]:
     "Resident, peak resident and proportional (PSS) MiB of `pid` and its descendants."
     cur, peak, pss = 0.0, 0.0, 0.0
@@ -386,13 +409,17 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
             for c in conns:
                 for svc in services:
                     if alone: up(svc)
-                    cpu0 = cpu_seconds(svc.proc.pid)
+                    cpu0, split = cpu_seconds(svc.proc.pid), []
+                    count = threading.Timer(duration / 2, lambda: split.extend(connections(svc.proc.pid, svc.port)))
+                    count.start()                       # how the connections are shared out, mid-load
                     res = run_load(f"http://127.0.0.1:{svc.port}/predict", c, duration, body_file, lua)
+                    count.join()
                     res["cpu_ms"] = (cpu_seconds(svc.proc.pid) - cpu0) / max(1, res["requests"]) * 1e3
                     runs[svc.name][c].append(res)
                     print(f"  round {r + 1} @{c:>3} {svc.name:50s} {res['rps']:7.0f} req/s  p50 {res['p50']:7.2f} ms"
                           f"  p99 {res['p99']:8.2f} ms  CPU {res['cpu_ms']:.2f} ms/req  errors "
-                          f"{res['errors'] + res['non2xx']}", flush=True)
+                          f"{res['errors'] + res['non2xx']}  connections {'/'.join(map(str, split)) or '-'}",
+                          flush=True)
                     if alone: mem[svc.name] = rss_mb(svc.proc.pid); svc.stop()
         out = {}
         for svc in services:
