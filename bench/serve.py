@@ -61,9 +61,11 @@ code and data) count once per process; PSS divides each shared page among the pr
 what the processes really cost together. Each round's line also says how the connections were shared out
 among the server's processes halfway through the load (e.g. 11/5 over two workers). mnist-k8s's workers each
 listen on their own socket (`reuse_port`) and the kernel hashes each new connection to one of them, so the
-split changes from round to round, and a worker with more connections answers each of them later. A last
-table compares, in-process and without HTTP, the micro-batcher with one forward pass per request on a thread
-pool.
+split changes from round to round, and a worker with more connections answers each of them later. "waited"
+is how long the server's threads were ready to run but waited for a CPU, per answered request (from each
+thread's /proc schedstat): when the server and the load generator beside it want more CPU than the machine
+has, every thread waits its turn, and those waits are part of each latency. A last table compares, in-process
+and without HTTP, the micro-batcher with one forward pass per request on a thread pool.
 
 The upload is an MNIST digit, already laid out as MNIST lays out its digits, so `mnist_k8s.preprocess` takes
 it as it is (`_already_mnist`). `--ablation` shows what the analysis that photos, scans and drawings need
@@ -273,6 +275,18 @@ def cpu_seconds(pid: int) -> float:
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
+def cpu_wait_seconds(pid: int) -> float:
+    """Time the threads of `pid` and its descendants spent runnable but waiting for a CPU (the second field of
+    each thread's /proc schedstat, in ns; 0 where the kernel does not keep it)."""
+    total = 0
+    for p in family(pid):
+        try: tasks = os.listdir(f"/proc/{p}/task")
+        except OSError: continue
+        for t in tasks:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[1])
+    return total / 1e9
+
 def connections(pid: int, port: int) -> list[int]:
     "Established TCP connections to `port` held by each process of `pid`'s family that holds some, most first."
     established = set()                          # socket inodes, from the kernel's tables (no `ss` needed)
@@ -409,16 +423,17 @@ def measure(services: list[Service], conns: list[int], duration: float, rounds: 
             for c in conns:
                 for svc in services:
                     if alone: up(svc)
-                    cpu0, split = cpu_seconds(svc.proc.pid), []
+                    cpu0, wait0, split = cpu_seconds(svc.proc.pid), cpu_wait_seconds(svc.proc.pid), []
                     count = threading.Timer(duration / 2, lambda: split.extend(connections(svc.proc.pid, svc.port)))
                     count.start()                       # how the connections are shared out, mid-load
                     res = run_load(f"http://127.0.0.1:{svc.port}/predict", c, duration, body_file, lua)
                     count.join()
                     res["cpu_ms"] = (cpu_seconds(svc.proc.pid) - cpu0) / max(1, res["requests"]) * 1e3
+                    res["wait_ms"] = (cpu_wait_seconds(svc.proc.pid) - wait0) / max(1, res["requests"]) * 1e3
                     runs[svc.name][c].append(res)
                     print(f"  round {r + 1} @{c:>3} {svc.name:50s} {res['rps']:7.0f} req/s  p50 {res['p50']:7.2f} ms"
-                          f"  p99 {res['p99']:8.2f} ms  CPU {res['cpu_ms']:.2f} ms/req  errors "
-                          f"{res['errors'] + res['non2xx']}  connections {'/'.join(map(str, split)) or '-'}",
+                          f"  p99 {res['p99']:8.2f} ms  CPU {res['cpu_ms']:.2f} ms/req, waited {res['wait_ms']:.2f}"
+                          f"  errors {res['errors'] + res['non2xx']}  connections {'/'.join(map(str, split)) or '-'}",
                           flush=True)
                     if alone: mem[svc.name] = rss_mb(svc.proc.pid); svc.stop()
         out = {}
